@@ -1,0 +1,775 @@
+"""The ROI slice dataset: axial slices through the bilateral globus pallidus ROI.
+
+For each subject of a cohort manifest, :func:`prepare` picks the axial slices
+that intersect the bilateral GP ROI, crops a square of fixed physical size
+(``crop_mm``) centred on the bilateral ROI centroid, resamples it in-plane to a
+fixed grid (``size`` x ``size`` pixels, bilinear), normalises intensities per
+volume inside a head mask, and optionally appends the ROI mask as a second
+channel. Slices are never resampled through-plane: a slice of the output is one
+acquired slice of the source volume.
+
+Output folder (schemas in ``docs/dataset.md``)::
+
+    index.csv      one row per slice: subject_id, center, label, slice_index,
+                   source_sha256, roi_sha256, row, image_sha256, roi_voxels
+    slices.npy     float32 [n_slices, channels, size, size], row i = index row i
+    masks.npy      uint8 [n_slices, size, size], the bilateral ROI (0/1) per slice
+    subjects.csv   one row per subject: manifest columns (no paths) + n_slices + hashes
+    prepare.json   config, input hashes, versions, channels, size, crop_mm, cache keys
+    cache/         one .npz per subject, keyed on (T1 sha256, ROI sha256, config)
+
+Geometry conventions (all in the RAS+ closest-canonical arrays that
+:mod:`nhb_core.io` returns):
+
+* the slice axis is array axis 2 (the acquired axis closest to inferior ->
+  superior; for an oblique axial acquisition still the acquired slice axis);
+* an output image row runs anterior (row 0) -> posterior, a column runs the
+  patient's right (column 0) -> left: the radiological display convention;
+* pixel ``(r, c)`` samples the in-plane voxel position
+  ``centre + (crop_mm/2 - (k + 0.5) * crop_mm/size) / spacing`` along each axis,
+  so the crop covers exactly ``crop_mm`` mm whatever the voxel size;
+* outside the image the crop is padded with the volume's background (its
+  minimum intensity, normalised like every other value: 0 for the default
+  clipped percentile normalisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from nhb_core.errors import ConfigError, DatasetError, ImageError
+from nhb_core.fileio import (atomic_path, atomic_write_json, atomic_write_text, read_json,
+                             sha256_bytes, sha256_file, sha256_json)
+from nhb_core.progress import EtaEstimator, ProgressCallback, emit
+
+#: Version of the slice-extraction algorithm; part of every cache key, so that a
+#: change of the algorithm invalidates caches written by an older version.
+ALGORITHM_VERSION = 1
+
+INDEX_COLUMNS = ["subject_id", "center", "label", "slice_index", "source_sha256", "roi_sha256",
+                 "row", "image_sha256", "roi_voxels"]
+PATH_COLUMNS = ("t1_path", "roi_path")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class PrepareConfig:
+    """How slices are chosen, cropped, resampled and normalised.
+
+    Parameters
+    ----------
+    crop_mm : float
+        Side of the square crop in mm (default 64: both GP and their landmarks).
+    size : int
+        Output grid side in pixels (images are ``size`` x ``size``).
+    slice_select : {"min_voxels", "central"}
+        ``"min_voxels"``: every axial slice with at least ``min_roi_voxels`` ROI
+        voxels (when none reaches it, the slice with the most ROI voxels, and a
+        warning in prepare.json). ``"central"``: the ``n_central`` ROI-bearing
+        slices closest to the ROI centroid along the slice axis.
+    min_roi_voxels : int
+        Threshold for ``"min_voxels"`` (voxels of the bilateral ROI in the slice).
+    n_central : int
+        Number of slices for ``"central"``.
+    norm : {"percentile", "zscore"}
+        ``"percentile"``: ``(x - p_low) / (p_high - p_low)`` with the percentiles
+        taken inside the head mask, clipped to [0, 1] when ``clip``.
+        ``"zscore"``: ``(x - mean) / std`` inside the head mask, clipped to
+        [-z_clip, z_clip] when ``clip``.
+    p_low, p_high : float
+        Percentiles (0-100) for ``"percentile"``.
+    z_clip : float
+        Clip bound for ``"zscore"``.
+    clip : bool
+        Clip normalised values (robustness to bright fat / artefacts).
+    head_threshold : float
+        The head mask is every voxel brighter than ``head_threshold`` times the
+        volume's 99.5th percentile (the background of an MRI is near zero).
+    roi_channel : bool
+        Append the bilateral ROI mask (0/1, nearest neighbour) as channel 2.
+    antialias : bool
+        Smooth in-plane with a Gaussian before bilinear sampling when the output
+        pixel is larger than the voxel (sigma = (factor - 1) / 2 voxels).
+    """
+
+    crop_mm: float = 64.0
+    size: int = 64
+    slice_select: str = "min_voxels"
+    min_roi_voxels: int = 10
+    n_central: int = 3
+    norm: str = "percentile"
+    p_low: float = 0.5
+    p_high: float = 99.5
+    z_clip: float = 5.0
+    clip: bool = True
+    head_threshold: float = 0.05
+    roi_channel: bool = False
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        src = "prepare config"
+        try:
+            self.crop_mm = float(self.crop_mm)
+            self.size = int(self.size)
+            self.min_roi_voxels = int(self.min_roi_voxels)
+            self.n_central = int(self.n_central)
+            self.p_low = float(self.p_low)
+            self.p_high = float(self.p_high)
+            self.z_clip = float(self.z_clip)
+            self.head_threshold = float(self.head_threshold)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(src, f"a numeric option has a non-numeric value ({err})",
+                              "Give crop_mm, size, min_roi_voxels, n_central, p_low, p_high as numbers") from None
+        for name in ("clip", "roi_channel", "antialias"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise ConfigError(src, f"option {name} must be true or false, got {v!r}", f"Set {name} to true or false")
+            setattr(self, name, bool(v))
+        if not (self.crop_mm > 0 and np.isfinite(self.crop_mm)):
+            raise ConfigError(src, f"crop_mm must be a positive number of mm, got {self.crop_mm}", "Use e.g. crop_mm: 64")
+        if not 4 <= self.size <= 1024:
+            raise ConfigError(src, f"size must be between 4 and 1024 pixels, got {self.size}", "Use e.g. size: 64")
+        if self.slice_select not in ("min_voxels", "central"):
+            raise ConfigError(src, f"slice_select must be 'min_voxels' or 'central', got {self.slice_select!r}",
+                              "Choose one of min_voxels, central")
+        if self.min_roi_voxels < 1:
+            raise ConfigError(src, f"min_roi_voxels must be at least 1, got {self.min_roi_voxels}", "Use e.g. 10")
+        if self.n_central < 1:
+            raise ConfigError(src, f"n_central must be at least 1, got {self.n_central}", "Use e.g. 3")
+        if self.norm not in ("percentile", "zscore"):
+            raise ConfigError(src, f"norm must be 'percentile' or 'zscore', got {self.norm!r}", "Choose one of percentile, zscore")
+        if not 0 <= self.p_low < self.p_high <= 100:
+            raise ConfigError(src, f"need 0 <= p_low < p_high <= 100, got {self.p_low}, {self.p_high}", "Use e.g. p_low 0.5, p_high 99.5")
+        if not self.z_clip > 0:
+            raise ConfigError(src, f"z_clip must be positive, got {self.z_clip}", "Use e.g. 5")
+        if not 0 <= self.head_threshold < 1:
+            raise ConfigError(src, f"head_threshold must be in [0, 1), got {self.head_threshold}", "Use e.g. 0.05")
+
+    @property
+    def channels(self) -> list[str]:
+        """Channel names, in order: ``["t1"]`` or ``["t1", "roi"]``."""
+        return ["t1", "roi"] if self.roi_channel else ["t1"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]], source: str = "prepare config") -> "PrepareConfig":
+        """Build from a dict (e.g. the ``prepare:`` section of a study config).
+
+        Unknown keys raise :class:`ConfigError` naming them (a typo must not be ignored).
+        """
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(source, f"unknown prepare option(s): {', '.join(unknown)}",
+                              f"Use only: {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except ConfigError as err:
+            raise ConfigError(source, err.problem, err.fix) from None
+
+    def sha256(self) -> str:
+        """Hash of the options (with the algorithm version): the config part of cache keys."""
+        return sha256_json({"config": self.to_dict(), "algorithm": ALGORITHM_VERSION})
+
+
+# --------------------------------------------------------------------------- per-volume work
+
+
+def select_slices(roi_mask: np.ndarray, config: PrepareConfig) -> tuple[np.ndarray, list[str]]:
+    """Choose the axial slices (indices along array axis 2) of a subject.
+
+    Parameters
+    ----------
+    roi_mask : np.ndarray of bool, shape (X, Y, Z)
+        The bilateral ROI (any label > 0).
+    config : PrepareConfig
+
+    Returns
+    -------
+    slices : np.ndarray of int64, shape (k,)
+        Sorted slice indices, k >= 1.
+    warnings : list of str
+    """
+    counts = roi_mask.sum(axis=(0, 1), dtype=np.int64)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        raise ImageError(None, "the ROI mask is empty", "Draw the bilateral GP ROI (labels 1 and 2)")
+    warnings: list[str] = []
+    if config.slice_select == "min_voxels":
+        sel = np.flatnonzero(counts >= config.min_roi_voxels)
+        if sel.size == 0:
+            best = int(np.argmax(counts))
+            warnings.append(f"no slice has {config.min_roi_voxels} ROI voxels (max {int(counts[best])}); "
+                            f"kept slice {best} only")
+            sel = np.array([best])
+    else:
+        z = np.arange(counts.size, dtype=np.float64)
+        zc = float((z * counts).sum() / counts.sum())
+        # closest to the centroid first; ties go to the slice with more ROI, then the lower index
+        order = sorted(nz.tolist(), key=lambda k: (abs(k - zc), -int(counts[k]), k))
+        sel = np.array(sorted(order[: config.n_central]))
+        if sel.size < config.n_central:
+            warnings.append(f"only {sel.size} slices intersect the ROI (n_central={config.n_central})")
+    return sel.astype(np.int64), warnings
+
+
+def intensity_stats(data: np.ndarray, config: PrepareConfig) -> tuple[float, float, float]:
+    """The affine normalisation of a volume: returns ``(offset, scale, background)``.
+
+    ``normalised = (raw - offset) / scale``; ``background`` is the raw value used
+    to pad crops outside the image (the volume's minimum).
+    """
+    finite = data[np.isfinite(data)] if not np.isfinite(data).all() else data.reshape(-1)
+    if finite.size == 0:
+        raise ImageError(None, "the T1 volume has no finite voxel", "Check the T1 file")
+    robust_max = float(np.percentile(finite, 99.5))
+    background = float(finite.min())
+    head = finite[finite > background + config.head_threshold * (robust_max - background)]
+    if head.size < 10:
+        raise ImageError(None, "the T1 volume is (almost) constant, no head found",
+                         "Check that the T1 file holds an image")
+    if config.norm == "percentile":
+        lo, hi = np.percentile(head, [config.p_low, config.p_high])
+        offset, scale = float(lo), float(hi - lo)
+    else:
+        offset, scale = float(head.mean(dtype=np.float64)), float(head.std(dtype=np.float64))
+    if not scale > 0 or not np.isfinite(scale):
+        raise ImageError(None, "the T1 intensities inside the head are constant",
+                         "Check that the T1 file holds an image")
+    return offset, scale, background
+
+
+def apply_norm(x: np.ndarray, offset: float, scale: float, config: PrepareConfig) -> np.ndarray:
+    """``(x - offset) / scale``, clipped as configured (float32, in place when possible)."""
+    x = np.asarray(x, dtype=np.float32)
+    x -= np.float32(offset)
+    x /= np.float32(scale)
+    if config.clip:
+        if config.norm == "percentile":
+            np.clip(x, 0.0, 1.0, out=x)
+        else:
+            np.clip(x, -config.z_clip, config.z_clip, out=x)
+    return x
+
+
+def sampling_grid(centre_xy: tuple[float, float], spacing_xy: tuple[float, float],
+                  config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel coordinates (x, y) of the output pixels, each shape (size, size) [row, col].
+
+    Row 0 is the most anterior (largest y), column 0 the patient's right (largest x).
+    """
+    n, c = config.size, config.crop_mm
+    off = c / 2.0 - (np.arange(n, dtype=np.float64) + 0.5) * c / n  # mm, decreasing
+    xs = centre_xy[0] + off / spacing_xy[0]  # along columns
+    ys = centre_xy[1] + off / spacing_xy[1]  # along rows
+    gx = np.broadcast_to(xs[None, :], (n, n))
+    gy = np.broadcast_to(ys[:, None], (n, n))
+    return gx, gy
+
+
+def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float, float],
+                   config: PrepareConfig, t1_name: Optional[str] = None,
+                   roi_name: Optional[str] = None) -> dict[str, Any]:
+    """All the per-subject work on arrays already loaded (RAS+ closest canonical).
+
+    Parameters
+    ----------
+    t1 : np.ndarray, shape (X, Y, Z), float
+        The T1 volume.
+    roi : np.ndarray, shape (X, Y, Z), int
+        ROI labels (> 0 = bilateral GP).
+    spacing : tuple of 3 floats
+        Voxel size in mm along X, Y, Z.
+    config : PrepareConfig
+    t1_name, roi_name : str or None
+        File names used in error messages.
+
+    Returns
+    -------
+    dict with ``images`` float32 [k, C, size, size], ``masks`` uint8 [k, size, size],
+    ``slice_index`` int64 [k], ``roi_voxels`` int64 [k], ``centroid_vox`` [3] float,
+    ``warnings`` list of str.
+    """
+    from scipy import ndimage
+
+    if t1.ndim != 3 or roi.shape != t1.shape:
+        raise ImageError(roi_name, f"T1 shape {t1.shape} and ROI shape {roi.shape} differ",
+                         "Give the ROI drawn on this T1 (same grid)")
+    mask = roi > 0
+    try:
+        sel, warnings = select_slices(mask, config)
+    except ImageError as err:
+        raise ImageError(roi_name, err.problem, err.fix) from None
+    n_roi = mask.sum(dtype=np.int64)
+    # bilateral ROI centroid in voxel coordinates, from the projections (no argwhere)
+    centroid = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        proj = mask.sum(axis=other, dtype=np.int64)
+        centroid.append(float((np.arange(proj.size) * proj).sum() / n_roi))
+    sx, sy = float(spacing[0]), float(spacing[1])
+    if not (sx > 0 and sy > 0):
+        raise ImageError(t1_name, f"invalid voxel spacing {spacing}", "Fix the image header (pixdim)")
+
+    # does the crop contain the whole ROI in-plane?
+    xs = np.flatnonzero(mask.any(axis=(1, 2)))
+    ys = np.flatnonzero(mask.any(axis=(0, 2)))
+    half = config.crop_mm / 2.0
+    extent = max((centroid[0] - xs[0]) * sx, (xs[-1] - centroid[0]) * sx,
+                 (centroid[1] - ys[0]) * sy, (ys[-1] - centroid[1]) * sy)
+    if extent > half:
+        warnings.append(f"the ROI extends {extent:.1f} mm from its centroid, beyond the crop "
+                        f"half-width {half:.1f} mm; increase crop_mm")
+
+    try:
+        offset, scale, background = intensity_stats(t1, config)
+    except ImageError as err:
+        raise ImageError(t1_name, err.problem, err.fix) from None
+    gx, gy = sampling_grid((centroid[0], centroid[1]), (sx, sy), config)
+    coords = np.stack([gx, gy])  # (2, size, size)
+    pix_mm = config.crop_mm / config.size
+    sigma = (max(0.0, (pix_mm / sx - 1) / 2), max(0.0, (pix_mm / sy - 1) / 2)) if config.antialias else (0.0, 0.0)
+
+    # only the in-plane box the grid touches (plus a margin for the filter) is processed
+    margin = int(np.ceil(3 * max(sigma))) + 2
+    X, Y = t1.shape[0], t1.shape[1]
+    x0 = max(0, int(np.floor(gx.min())) - margin)
+    x1 = min(X, int(np.ceil(gx.max())) + margin + 1)
+    y0 = max(0, int(np.floor(gy.min())) - margin)
+    y1 = min(Y, int(np.ceil(gy.max())) + margin + 1)
+    k = sel.size
+    C = 2 if config.roi_channel else 1
+    images = np.full((k, C, config.size, config.size), background, dtype=np.float32)
+    masks = np.zeros((k, config.size, config.size), dtype=np.uint8)
+    if x0 < x1 and y0 < y1:  # the crop overlaps the image
+        local = coords - np.array([x0, y0], dtype=np.float64)[:, None, None]
+        for i, z in enumerate(sel):
+            sl = np.asarray(t1[x0:x1, y0:y1, z], dtype=np.float32)
+            if sigma[0] > 0 or sigma[1] > 0:
+                sl = ndimage.gaussian_filter(sl, sigma=sigma, mode="nearest")
+            images[i, 0] = ndimage.map_coordinates(sl, local, order=1, mode="constant", cval=background)
+            masks[i] = ndimage.map_coordinates(mask[x0:x1, y0:y1, z].view(np.uint8), local, order=0,
+                                               mode="constant", cval=0)
+    images[:, 0] = apply_norm(images[:, 0], offset, scale, config)
+    if config.roi_channel:
+        images[:, 1] = masks
+    roi_voxels = mask[:, :, sel].sum(axis=(0, 1), dtype=np.int64)
+    return {"images": images, "masks": masks, "slice_index": sel, "roi_voxels": roi_voxels,
+            "centroid_vox": np.array(centroid), "warnings": warnings}
+
+
+def process_subject(t1_path: str, roi_path: str, config: PrepareConfig) -> dict[str, Any]:
+    """Load one subject with :mod:`nhb_core.io` and run :func:`extract_slices` on it.
+
+    Errors are :class:`ImageError` naming the file at fault.
+    """
+    from nhb_core.io import load_roi, load_t1
+
+    t1 = load_t1(t1_path)
+    roi = load_roi(roi_path, reference=t1)
+    return extract_slices(t1.data, roi.data, tuple(t1.spacing), config, t1_name=str(t1_path), roi_name=str(roi_path))
+
+
+# --------------------------------------------------------------------------- hashing + cache
+
+
+class _HashMemo:
+    """sha256 of input files, memoised by (absolute path, size, mtime_ns).
+
+    The memo (``cache/hashes.json``) lets an unchanged rerun skip reading image
+    bytes; any change of size or modification time rehashes the file. Folders
+    (DICOM series) are always rehashed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data: dict[str, dict[str, Any]] = read_json(path) if path.exists() else {}
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    @staticmethod
+    def stat_key(p: str) -> Optional[list[int]]:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        if not os.path.isfile(p):
+            return None
+        return [int(st.st_size), int(st.st_mtime_ns)]
+
+    def get(self, p: str) -> Optional[str]:
+        key = self.stat_key(p)
+        ent = self.data.get(p)
+        if key is not None and ent and ent.get("stat") == key:
+            return ent["sha256"]
+        return None
+
+    def put(self, p: str, sha: str, stat: Optional[list[int]]) -> None:
+        if stat is not None:
+            self.data[p] = {"stat": stat, "sha256": sha}
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_json(self.path, self.data, indent=None)
+            self.dirty = False
+
+
+def _hash_input(p: str) -> tuple[str, Optional[list[int]]]:
+    stat = _HashMemo.stat_key(p)
+    if not os.path.exists(p):
+        raise ImageError(p, "the file does not exist", "Fix the path in the manifest")
+    return sha256_file(p), stat
+
+
+def subject_cache_key(t1_sha: str, roi_sha: str, config_sha: str) -> str:
+    """Cache key of one subject: sha256 of (T1 sha256, ROI sha256, config hash)."""
+    return sha256_json({"t1": t1_sha, "roi": roi_sha, "config": config_sha})
+
+
+def _save_cache(path: Path, res: dict[str, Any]) -> None:
+    import json
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=res["images"], masks=res["masks"], slice_index=res["slice_index"],
+                     roi_voxels=res["roi_voxels"], centroid_vox=res["centroid_vox"],
+                     warnings=np.array(json.dumps(res["warnings"])))
+
+
+def _load_cache(path: Path) -> Optional[dict[str, Any]]:
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"images": z["images"], "masks": z["masks"], "slice_index": z["slice_index"],
+                    "roi_voxels": z["roi_voxels"], "centroid_vox": z["centroid_vox"],
+                    "warnings": json.loads(str(z["warnings"]))}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _work(job: dict[str, Any]) -> dict[str, Any]:
+    """One subject in a worker: hash what the memo lacked, reuse the cache or compute."""
+    out: dict[str, Any] = {"i": job["i"], "hashed": {}}
+    shas = {}
+    for kind in ("t1", "roi"):
+        p = job[f"{kind}_path"]
+        sha = job.get(f"{kind}_sha")
+        if sha is None:
+            sha, stat = _hash_input(p)
+            out["hashed"][p] = (sha, stat)
+        shas[kind] = sha
+    key = subject_cache_key(shas["t1"], shas["roi"], job["config_sha"])
+    out.update(t1_sha=shas["t1"], roi_sha=shas["roi"], key=key)
+    cache_file = Path(job["cache_dir"]) / f"{key}.npz"
+    res = _load_cache(cache_file) if cache_file.exists() else None
+    if res is None:
+        res = process_subject(job["t1_path"], job["roi_path"], PrepareConfig.from_dict(job["config"]))
+        _save_cache(cache_file, res)
+        out["cached"] = False
+    else:
+        out["cached"] = True
+    out["result"] = res
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class SliceDataset:
+    """A prepared slice dataset (see ``docs/dataset.md``).
+
+    Attributes
+    ----------
+    index : pd.DataFrame
+        One row per slice (``index.csv``); row i describes ``images[i]``.
+    images : np.ndarray, float32 [n_slices, in_chans, H, W] (memory-mapped)
+    masks : np.ndarray or None, uint8 [n_slices, H, W] the bilateral ROI per slice
+    subjects : pd.DataFrame
+        One row per subject (``subjects.csv``).
+    meta : dict
+        ``prepare.json``.
+    path : Path
+    """
+
+    index: pd.DataFrame
+    images: np.ndarray
+    subjects: pd.DataFrame
+    meta: dict[str, Any]
+    masks: Optional[np.ndarray] = None
+    path: Optional[Path] = None
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def config(self) -> PrepareConfig:
+        return PrepareConfig.from_dict(self.meta.get("config", {}))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"subject_id": str, "center": str}, keep_default_na=True)
+
+
+def load_dataset(path: str | os.PathLike, mmap: bool = True) -> SliceDataset:
+    """Open a dataset folder written by :func:`prepare`.
+
+    ``images`` is memory-mapped (read-only) unless ``mmap=False``. Raises
+    :class:`DatasetError` naming the file when the folder is incomplete or its
+    files disagree.
+    """
+    d = Path(path)
+    meta_p = d / "prepare.json"
+    if not meta_p.exists():
+        raise DatasetError(d, "not a prepared slice dataset (no prepare.json)",
+                           "Run `python -m nhb_core prepare --manifest M.csv --out DIR` first")
+    try:
+        meta = read_json(meta_p)
+    except (OSError, ValueError) as err:
+        raise DatasetError(meta_p, f"unreadable ({err})", "Rerun prepare") from None
+    for name in ("index.csv", "slices.npy", "subjects.csv"):
+        if not (d / name).exists():
+            raise DatasetError(d / name, "missing", "Rerun prepare")
+    index = _read_table(d / "index.csv")
+    subjects = _read_table(d / "subjects.csv")
+    try:
+        images = np.load(d / "slices.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DatasetError(d / "slices.npy", f"unreadable ({err})", "Rerun prepare") from None
+    if images.ndim != 4 or images.shape[0] != len(index):
+        raise DatasetError(d / "slices.npy", f"shape {images.shape} does not match index.csv ({len(index)} rows)",
+                           "Rerun prepare")
+    masks = None
+    if (d / "masks.npy").exists():
+        masks = np.load(d / "masks.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        if masks.shape[0] != len(index):
+            raise DatasetError(d / "masks.npy", "row count differs from index.csv", "Rerun prepare")
+    return SliceDataset(index=index, images=images, subjects=subjects, meta=meta, masks=masks, path=d)
+
+
+def _versions() -> dict[str, str]:
+    import nibabel
+    import scipy
+
+    from nhb_core import __version__
+
+    return {"nhb_core": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "nibabel": nibabel.__version__, "pandas": pd.__version__}
+
+
+def _outputs_present(out: Path) -> bool:
+    return all((out / n).exists() for n in ("prepare.json", "index.csv", "slices.npy", "subjects.csv", "masks.npy"))
+
+
+def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config: PrepareConfig | dict | None = None,
+            workers: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> Path:
+    """Build (or update) the ROI slice dataset of a cohort.
+
+    Parameters
+    ----------
+    manifest_path : path
+        The cohort manifest CSV (read with :func:`nhb_core.manifest.load_manifest`).
+    out_dir : path
+        Dataset folder; created if needed. Reusing a folder reuses its per-subject
+        cache: only subjects whose T1 or ROI file changed, or all subjects when an
+        option changed, are recomputed; an unchanged rerun returns without reading
+        any image data.
+    config : PrepareConfig or dict or None
+        Options (None = defaults).
+    workers : int or None
+        Worker processes over subjects (None = min(2, CPUs); 1 = in this process).
+    progress : callable or None
+        Called with ``{"stage": "prepare", "done": i, "total": n, "message": ..., "eta_s": ...}``.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    from nhb_core.manifest import load_manifest
+
+    if config is None:
+        config = PrepareConfig()
+    elif isinstance(config, dict):
+        config = PrepareConfig.from_dict(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "cache"
+    cache_dir.mkdir(exist_ok=True)
+    manifest = load_manifest(manifest_path)
+    df = manifest.df.reset_index(drop=True)
+    if df["subject_id"].duplicated().any():
+        dup = df.loc[df["subject_id"].duplicated(), "subject_id"].iloc[0]
+        raise DatasetError(manifest_path, f"subject_id {dup!r} appears more than once",
+                           "Give every subject one row")
+    n = len(df)
+    if n == 0:
+        raise DatasetError(manifest_path, "the manifest lists no subject", "Add subjects to the manifest")
+    emit(progress, "prepare", done=0, total=n, message="checking inputs")
+
+    config_sha = config.sha256()
+    memo = _HashMemo(cache_dir / "hashes.json")
+    manifest_table_sha = sha256_bytes(df.to_csv(index=False).encode())
+    jobs = []
+    for i, r in df.iterrows():
+        t1p, roip = str(r["t1_path"]), str(r["roi_path"])
+        jobs.append({"i": i, "t1_path": t1p, "roi_path": roip, "t1_sha": memo.get(t1p), "roi_sha": memo.get(roip),
+                     "config": config.to_dict(), "config_sha": config_sha, "cache_dir": str(cache_dir)})
+
+    # fast path: every hash known and the stored state matches -> nothing to do
+    if all(j["t1_sha"] and j["roi_sha"] for j in jobs) and _outputs_present(out):
+        keys = [subject_cache_key(j["t1_sha"], j["roi_sha"], config_sha) for j in jobs]
+        state = _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)
+        try:
+            old = read_json(out / "prepare.json")
+        except (OSError, ValueError):
+            old = {}
+        if old.get("state_sha256") == state:
+            emit(progress, "prepare", done=n, total=n, message="unchanged (cache)")
+            return out
+
+    results: list[Optional[dict[str, Any]]] = [None] * n
+    eta = EtaEstimator()
+    n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    n_workers = min(n_workers, n)
+    done = 0
+    n_computed = 0
+
+    def _finish(res: dict[str, Any]) -> None:
+        nonlocal done, n_computed
+        results[res["i"]] = res
+        for p, (sha, stat) in res["hashed"].items():
+            memo.put(p, sha, stat)
+        done += 1
+        n_computed += 0 if res["cached"] else 1
+        sid = df.at[res["i"], "subject_id"]
+        emit(progress, "prepare", done=done, total=n, eta_s=eta.eta(done, n),
+             message=f"{sid} (cached)" if res["cached"] else str(sid))
+
+    try:
+        if n_workers <= 1:
+            for j in jobs:
+                _finish(_work(j))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as ex:
+                pending = {ex.submit(_work, j) for j in jobs}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in finished:
+                            _finish(f.result())
+                except BaseException:
+                    for f in pending:
+                        f.cancel()
+                    raise
+    finally:
+        memo.save()
+
+    # assemble
+    rows = []
+    images_list, masks_list = [], []
+    warnings: list[dict[str, str]] = []
+    subj_extra = []
+    row = 0
+    for i, r in df.iterrows():
+        res = results[i]
+        assert res is not None
+        arr = res["result"]
+        k = int(arr["images"].shape[0])
+        images_list.append(arr["images"])
+        masks_list.append(arr["masks"])
+        for w in arr["warnings"]:
+            warnings.append({"subject_id": str(r["subject_id"]), "warning": w})
+        for s in range(k):
+            rows.append({"subject_id": r["subject_id"], "center": r["center"], "label": int(r["label"]),
+                         "slice_index": int(arr["slice_index"][s]), "source_sha256": res["t1_sha"],
+                         "roi_sha256": res["roi_sha"], "row": row,
+                         "image_sha256": sha256_bytes(np.ascontiguousarray(arr["images"][s]).tobytes()),
+                         "roi_voxels": int(arr["roi_voxels"][s])})
+            row += 1
+        subj_extra.append({"n_slices": k, "t1_sha256": res["t1_sha"], "roi_sha256": res["roi_sha"],
+                           "cache_key": res["key"]})
+    images = np.concatenate(images_list).astype(np.float32, copy=False)
+    masks = np.concatenate(masks_list)
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    index_csv = index.to_csv(index=False)
+    subjects = df.drop(columns=[c for c in PATH_COLUMNS if c in df.columns]).copy()
+    for c in ("n_slices", "t1_sha256", "roi_sha256"):
+        subjects[c] = [e[c] for e in subj_extra]
+
+    with atomic_path(out / "slices.npy") as tmp:
+        np.save(tmp, images)
+    with atomic_path(out / "masks.npy") as tmp:
+        np.save(tmp, masks)
+    atomic_write_text(out / "index.csv", index_csv)
+    atomic_write_text(out / "subjects.csv", subjects.to_csv(index=False))
+    keys = [e["cache_key"] for e in subj_extra]
+    meta = {
+        "format": "nhb-slices",
+        "format_version": 1,
+        "algorithm_version": ALGORITHM_VERSION,
+        "config": config.to_dict(),
+        "config_sha256": config_sha,
+        "channels": config.channels,
+        "in_chans": len(config.channels),
+        "size": config.size,
+        "input_size": [config.size, config.size],
+        "crop_mm": config.crop_mm,
+        "pixel_mm": config.crop_mm / config.size,
+        "orientation": {"rows": "anterior->posterior", "cols": "patient right->left", "slice_axis": "RAS+ axis 2"},
+        "n_subjects": n,
+        "n_slices": int(images.shape[0]),
+        "centers": sorted(df["center"].astype(str).unique().tolist()),
+        "manifest_sha256": sha256_file(manifest_path),
+        "manifest_table_sha256": manifest_table_sha,
+        "dataset_sha256": sha256_bytes(index_csv.encode()),
+        "subjects": {str(sid): {"t1_sha256": e["t1_sha256"], "roi_sha256": e["roi_sha256"], "cache_key": e["cache_key"],
+                                "n_slices": e["n_slices"]}
+                     for sid, e in zip(df["subject_id"], subj_extra)},
+        "state_sha256": _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys),
+        "n_computed": n_computed,
+        "warnings": warnings,
+        "versions": _versions(),
+    }
+    atomic_write_json(out / "prepare.json", meta)
+    # drop cache entries no subject of this dataset uses any more
+    live = {f"{k}.npz" for k in keys}
+    for f in cache_dir.glob("*.npz"):
+        if f.name not in live:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+    emit(progress, "prepare", done=n, total=n, message=f"{n_computed} computed, {n - n_computed} cached")
+    return out
+
+
+def _state_key(config_sha: str, manifest_sha: str, subject_ids: list, keys: list[str]) -> str:
+    return sha256_json({"config": config_sha, "manifest": manifest_sha,
+                        "subjects": [[str(s), k] for s, k in zip(subject_ids, keys)],
+                        "algorithm": ALGORITHM_VERSION})
