@@ -1,0 +1,514 @@
+"""Plain-Python data access for the dashboard pages (no Streamlit here).
+
+The pages in ``app.py`` / ``pages/`` stay thin: they call these functions to
+turn a run folder (see ``docs/design-shared.md``) into tables, and cache the
+results with ``st.cache_data`` keyed on :func:`file_key` (path + mtime + size),
+so an edited file is re-read and an unchanged one never is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from nhb_core.fileio import read_json
+from nhb_core.runs import list_runs, read_events, read_status
+
+STAGE_ORDER = ("queued", "starting", "validate", "prepare", "split", "train", "evaluate", "stats", "saliency", "report")
+
+PAGES_HELP = [
+    ("Home", "Runs table (status, models, sets, AUC per model and set, leakage flag) and the cohort summary of the default study."),
+    ("Cohort", "Validate a manifest (problems by row), center x label counts, slice browser with the GP ROI contour and "
+               "the crops the models see, and a montage of controls vs injured per center."),
+    ("Launch", "Start a study in the background (it survives reloads and restarts), follow live progress per stage "
+               "and model with ETA and the last log lines, cancel it."),
+    ("Results", "One run or two side by side: ROC per site with DeLong bands and reader operating points, AUC table, "
+                "DeLong p-values, reader comparisons (McNemar), confusion matrices, calibration, decision curves, "
+                "training curves and downloads."),
+    ("Saliency", "Grad-CAM (GradCAM, GradCAM++, EigenCAM, LayerCAM) over the GP crop and on the full slice, the three "
+                 "models side by side, CAM energy inside the ROI and faithfulness vs a random map."),
+    ("Predict", "Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
+                "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
+]
+
+
+# ----------------------------------------------------------------- files
+def default_runs_dir() -> Path:
+    """The runs folder: ``$NHB_RUNS_DIR`` or ``./runs``."""
+    return Path(os.environ.get("NHB_RUNS_DIR") or "runs")
+
+
+def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    """``(path, mtime_ns, size)``: a cache key that changes when the file does
+    (``(path, 0, -1)`` when it does not exist)."""
+    p = Path(path)
+    try:
+        s = p.stat()
+        return (str(p), s.st_mtime_ns, s.st_size)
+    except OSError:
+        return (str(p), 0, -1)
+
+
+def set_file_stem(set_name: str) -> str:
+    """File-name form of a set name (``external:B`` -> ``external_B``)."""
+    return str(set_name).replace(":", "_")
+
+
+def set_label(set_name: str) -> str:
+    """Human label of a set (``test`` -> ``internal test``, ``external:B`` -> ``external B``)."""
+    s = str(set_name)
+    if s == "test":
+        return "internal test"
+    if s == "val":
+        return "validation"
+    if s.startswith("external:"):
+        return "external " + s.split(":", 1)[1]
+    return s
+
+
+def load_metrics(run_dir: str | os.PathLike) -> Optional[dict]:
+    """``metrics.json`` of a run, or None when absent/unreadable."""
+    p = Path(run_dir) / "metrics.json"
+    try:
+        return read_json(p)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """``config.yaml`` of a run ({} when absent)."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    try:
+        with open(p, encoding="utf-8") as fh:
+            out = yaml.safe_load(fh)
+        return out if isinstance(out, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def read_split(run_dir: str | os.PathLike) -> Optional[dict]:
+    try:
+        return read_json(Path(run_dir) / "split.json")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_models(run_dir: str | os.PathLike) -> list[str]:
+    """Trained models of a run (folders under ``models/`` with a model.json), else those in config."""
+    mdir = Path(run_dir) / "models"
+    found = sorted(p.name for p in mdir.iterdir() if (p / "model.json").exists()) if mdir.is_dir() else []
+    if found:
+        order = list(read_config(run_dir).get("models") or [])
+        return sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m))
+    models = read_config(run_dir).get("models") or []
+    return [str(m) for m in models]
+
+
+def model_json(run_dir: str | os.PathLike, model: str) -> dict:
+    try:
+        return read_json(Path(run_dir) / "models" / model / "model.json")
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def prediction_sets(run_dir: str | os.PathLike, level: str = "subjects") -> list[str]:
+    """Set names that have a predictions file (``test`` first, then externals, then val)."""
+    pdir = Path(run_dir) / "predictions"
+    if not pdir.is_dir():
+        return []
+    metrics = load_metrics(run_dir) or {}
+    known = list((metrics.get("sets") or {}).keys())
+    stems = {set_file_stem(s): s for s in known}
+    out = []
+    for f in sorted(pdir.glob(f"*__{level}.csv")):
+        stem = f.name[: -len(f"__{level}.csv")]
+        name = stems.get(stem)
+        if name is None:
+            name = "external:" + stem[len("external_"):] if stem.startswith("external_") else stem
+        out.append(name)
+    return sort_sets(out)
+
+
+def sort_sets(sets) -> list[str]:
+    def key(s):
+        s = str(s)
+        return (0 if s == "test" else 1 if s.startswith("external") else 2 if s == "val" else 3, s)
+
+    return sorted(sets, key=key)
+
+
+def predictions_path(run_dir: str | os.PathLike, set_name: str, level: str = "subjects") -> Path:
+    """``level`` is ``subjects`` or ``slices``."""
+    return Path(run_dir) / "predictions" / f"{set_file_stem(set_name)}__{level}.csv"
+
+
+def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subjects") -> pd.DataFrame:
+    """A predictions table (subject_id as str); empty DataFrame when absent."""
+    p = predictions_path(run_dir, set_name, level)
+    if not p.exists():
+        return pd.DataFrame()
+    return pd.read_csv(p, dtype={"subject_id": str, "center": str})
+
+
+def load_history(run_dir: str | os.PathLike, model: str) -> pd.DataFrame:
+    p = Path(run_dir) / "models" / model / "history.csv"
+    return pd.read_csv(p) if p.exists() else pd.DataFrame()
+
+
+# ----------------------------------------------------------------- runs table
+def _fmt_created(st: dict, run_dir: Path) -> str:
+    for k in ("submitted", "started"):
+        if st.get(k):
+            return str(st[k]).replace("T", " ")[:19]
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromtimestamp(run_dir.stat().st_mtime, dt.timezone.utc).isoformat(" ", "seconds")[:19]
+    except OSError:
+        return ""
+
+
+def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """One row of the runs table as a dict: name, status, stage, models, sets,
+    leakage flag, created, error and ``auc`` = {(set, model): subject-level AUC}."""
+    run_dir = Path(run_dir)
+    st = read_status(run_dir) or {}
+    metrics = load_metrics(run_dir) or {}
+    split = read_split(run_dir) or {}
+    cfg = read_config(run_dir)
+    sets_m = metrics.get("sets") or {}
+    aucs: dict[tuple[str, str], float] = {}
+    for s, block in sets_m.items():
+        lvl = ((block or {}).get("level") or {}).get("subject") or {}
+        for m, mm in (lvl.get("models") or {}).items():
+            if isinstance(mm, dict) and mm.get("auc") is not None:
+                aucs[(s, m)] = float(mm["auc"])
+    leaky = metrics.get("leaky")
+    if leaky is None:
+        leaky = split.get("leaky")
+    if leaky is None:
+        leaky = ((cfg.get("split") or {}).get("unit") == "slice") if cfg else None
+    sets = sort_sets(sets_m.keys()) if sets_m else sort_sets(k for k in (split.get("sets") or {}) if k != "train")
+    return {
+        "name": run_dir.name,
+        "status": st.get("state", "unknown"),
+        "stage": st.get("stage") or "",
+        "models": run_models(run_dir),
+        "sets": sets,
+        "leaky": bool(leaky) if leaky is not None else None,
+        "created": _fmt_created(st, run_dir),
+        "error": st.get("error") or "",
+        "auc": aucs,
+        "path": str(run_dir),
+    }
+
+
+def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
+    """The Home page's runs table, newest first: name, status, models, sets,
+    ``AUC <set> <model>`` columns (subject level), leakage, created, error."""
+    rows = []
+    for r in list_runs(runs_dir):
+        s = run_summary(r)
+        row = {"name": s["name"], "status": s["status"], "stage": s["stage"],
+               "models": ", ".join(s["models"]), "sets": ", ".join(set_label(x) for x in s["sets"]),
+               "leakage": ("LEAKY (slice split)" if s["leaky"] else "no") if s["leaky"] is not None else "",
+               "created": s["created"], "error": s["error"]}
+        for (set_name, model), auc in sorted(s["auc"].items(), key=lambda kv: (sort_sets([kv[0][0]]), kv[0][1])):
+            row[f"AUC {set_label(set_name)} {model}"] = round(auc, 3)
+        rows.append(row)
+    cols = ["name", "status", "stage", "models", "sets", "leakage", "created", "error"]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    auc_cols = [c for c in df.columns if c.startswith("AUC ")]
+    return df[cols[:6] + auc_cols + cols[6:]]
+
+
+def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Runs with a metrics.json (done, or finished enough to show results)."""
+    return [r for r in list_runs(runs_dir) if (r / "metrics.json").exists()]
+
+
+# ----------------------------------------------------------------- progress
+def _fraction(ev: dict) -> Optional[float]:
+    try:
+        if ev.get("epoch") is not None and ev.get("epochs"):
+            steps = ev.get("steps")
+            if steps:
+                done = (float(ev["epoch"]) - 1) * float(steps) + float(ev.get("step") or 0)
+                return min(1.0, max(0.0, done / (float(ev["epochs"]) * float(steps))))
+            return min(1.0, float(ev["epoch"]) / float(ev["epochs"]))
+        if ev.get("done") is not None and ev.get("total"):
+            return min(1.0, max(0.0, float(ev["done"]) / float(ev["total"])))
+        if ev.get("step") is not None and ev.get("steps"):
+            return min(1.0, float(ev["step"]) / float(ev["steps"]))
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _split_stage(ev: dict) -> tuple[str, str]:
+    stage = str(ev.get("stage") or "")
+    model = ev.get("model") or ""
+    if ":" in stage and not model and not stage.startswith("external"):
+        stage, model = stage.split(":", 1)
+    return stage, str(model)
+
+
+def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> list[dict[str, Any]]:
+    """Latest progress per (stage, model) from events.jsonl, in pipeline order.
+
+    Each row: ``stage, model, fraction`` (0-1 or None), ``text`` (epoch/step,
+    metrics), ``eta_s``, ``t``. A stage later than the current one is complete.
+    """
+    events = read_events(run_dir)
+    latest: dict[tuple[str, str], dict] = {}
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, ev in enumerate(events):
+        key = _split_stage(ev)
+        if not key[0]:
+            continue
+        prev = latest.get(key, {})
+        merged = {**prev, **{k: v for k, v in ev.items() if v is not None}}
+        latest[key] = merged
+        first_seen.setdefault(key, i)
+    status = status if status is not None else (read_status(run_dir) or {})
+    state = status.get("state")
+    order = sorted(latest, key=lambda k: first_seen[k])
+    rows = []
+    for n, key in enumerate(order):
+        ev = latest[key]
+        frac = _fraction(ev)
+        later_started = n < len(order) - 1 and key[0] != "train"
+        if state == "done" or (later_started and frac is None):
+            frac = 1.0 if state == "done" or later_started else frac
+        parts = []
+        if ev.get("epoch") is not None and ev.get("epochs"):
+            parts.append(f"epoch {ev['epoch']}/{ev['epochs']}")
+        elif ev.get("done") is not None and ev.get("total"):
+            parts.append(f"{ev['done']}/{ev['total']}")
+        for k, v in (ev.get("metrics") or {}).items():
+            parts.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
+        if ev.get("message"):
+            parts.append(str(ev["message"])[:120])
+        rows.append({"stage": key[0], "model": key[1], "fraction": frac, "text": " ".join(parts),
+                     "eta_s": ev.get("eta_s"), "t": ev.get("t")})
+    return rows
+
+
+def overall_eta(rows: list[dict], status: Optional[dict] = None) -> Optional[float]:
+    """A rough ETA (s) of the whole run: the largest ETA among unfinished rows."""
+    if status and status.get("state") in ("done", "failed", "cancelled"):
+        return 0.0
+    etas = [float(r["eta_s"]) for r in rows if r.get("eta_s") is not None and (r.get("fraction") or 0) < 1.0]
+    return max(etas) if etas else None
+
+
+def fmt_seconds(s: Optional[float]) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "unknown"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def log_tail(run_dir: str | os.PathLike, n: int = 15, max_bytes: int = 64_000) -> str:
+    """The last ``n`` lines of the run's log.txt (progress-bar redraws dropped)."""
+    p = Path(run_dir) / "log.txt"
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.split("\r")[-1].rstrip() for ln in text.splitlines()]
+    return "\n".join([ln for ln in lines if ln.strip()][-n:])
+
+
+# ----------------------------------------------------------------- launch form
+def study_config(models: list[str], epochs: int, batch_size: int, input_size: int, split_unit: str,
+                 external_centers: list[str], seed: int, device: str, n_gpus: int = 1,
+                 centers: Optional[list[str]] = None) -> dict:
+    """The study config dict (``nhb_core.config`` keys) the Launch form writes to ``config.yaml``.
+
+    ``external_centers`` are held out of training (every subject of them is an
+    external test set); the development centers are ``centers`` minus those.
+    ``n_gpus`` > 1 makes the study train under torchrun.
+    """
+    if split_unit not in ("subject", "slice"):
+        raise ValueError(f"split unit must be 'subject' or 'slice', got {split_unit!r}")
+    cfg: dict[str, Any] = {
+        "models": list(models),
+        "seed": int(seed),
+        "device": str(device),
+        "n_gpus": max(1, int(n_gpus)),
+        "prepare": {"size": int(input_size)},
+        "split": {"unit": split_unit, "seed": int(seed)},
+        "train": {"epochs": int(epochs), "batch_size": int(batch_size)},
+    }
+    ext = [str(c) for c in (external_centers or [])]
+    if ext and centers:
+        dev = [str(c) for c in centers if str(c) not in ext]
+        cfg["split"]["dev_centers"] = dev
+    return cfg
+
+
+# ----------------------------------------------------------------- results helpers
+def outcome_table(df: pd.DataFrame, model: str, threshold: float) -> pd.DataFrame:
+    """Per-case outcome at ``threshold``: adds ``prob``, ``pred``, ``outcome``
+    (TP/FP/FN/TN) and ``confidence`` = |prob - threshold|."""
+    if df.empty or model not in df.columns:
+        return pd.DataFrame(columns=["subject_id", "prob", "pred", "outcome", "confidence"])
+    out = df.copy()
+    out["prob"] = out[model].astype(float)
+    out["pred"] = (out["prob"] >= float(threshold)).astype(int)
+    y = out["label"].astype(int)
+    out["outcome"] = np.select([(y == 1) & (out.pred == 1), (y == 0) & (out.pred == 1), (y == 1) & (out.pred == 0)],
+                               ["TP", "FP", "FN"], "TN")
+    out["confidence"] = (out["prob"] - float(threshold)).abs()
+    return out
+
+
+def confusion(df: pd.DataFrame, model: str, threshold: float) -> np.ndarray:
+    """2x2 confusion matrix [[TN, FP], [FN, TP]] at ``threshold``."""
+    t = outcome_table(df, model, threshold)
+    c = t["outcome"].value_counts() if not t.empty else {}
+    return np.array([[int(c.get("TN", 0)), int(c.get("FP", 0))], [int(c.get("FN", 0)), int(c.get("TP", 0))]])
+
+
+def level_block(metrics: dict, set_name: str, level: str = "subject") -> dict:
+    """``metrics["sets"][set]["level"][level]`` or {}."""
+    return (((metrics or {}).get("sets") or {}).get(set_name) or {}).get("level", {}).get(level) or {}
+
+
+def auc_table(metrics: dict, level: str = "subject") -> pd.DataFrame:
+    """One row per (set, model): AUC with DeLong and bootstrap CIs, clustered AUC,
+    threshold metrics."""
+    rows = []
+    for s in sort_sets(((metrics or {}).get("sets") or {}).keys()):
+        blk = level_block(metrics, s, level)
+        for m, mm in (blk.get("models") or {}).items():
+            row = {"set": set_label(s), "model": m, "n": blk.get("n"), "n_pos": blk.get("n_pos"),
+                   "AUC": mm.get("auc")}
+            for k, lab in (("auc_ci_delong", "DeLong 95% CI"), ("auc_ci_bootstrap", "bootstrap 95% CI")):
+                ci = mm.get(k)
+                row[lab] = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and None not in ci[:2] else ""
+            if mm.get("auc_clustered") is not None:
+                ac = mm["auc_clustered"]
+                row["clustered AUC"] = ac.get("auc") if isinstance(ac, dict) else ac
+            for k in ("threshold", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier"):
+                v = mm.get(k)
+                if isinstance(v, dict):
+                    v = v.get("value")
+                if v is not None:
+                    row[k] = v
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def delong_matrix(metrics: dict, set_name: str, level: str = "subject") -> pd.DataFrame:
+    """Square DataFrame of DeLong p-values between the models of one set."""
+    blk = level_block(metrics, set_name, level)
+    models = list((blk.get("models") or {}).keys())
+    mat = pd.DataFrame(np.nan, index=models, columns=models)
+    for c in blk.get("comparisons") or []:
+        a, b, p = c.get("a"), c.get("b"), c.get("delong_p")
+        if a in mat.index and b in mat.columns and p is not None:
+            mat.loc[a, b] = mat.loc[b, a] = p
+    return mat
+
+
+def reader_table(metrics: dict, set_name: str, level: str = "subject") -> pd.DataFrame:
+    """Readers' threshold metrics and, per model, McNemar p-values."""
+    blk = level_block(metrics, set_name, level)
+    rows = []
+    for r, rr in (blk.get("readers") or {}).items():
+        row = {"reader": r}
+        for k in ("sensitivity", "specificity", "accuracy", "ppv", "npv"):
+            v = rr.get(k)
+            if isinstance(v, dict):
+                v = v.get("value")
+            if v is not None:
+                row[k] = v
+        for m, vs in (rr.get("vs") or {}).items():
+            if isinstance(vs, dict) and vs.get("mcnemar_p") is not None:
+                row[f"McNemar p vs {m}"] = vs["mcnemar_p"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def model_threshold(run_dir: str | os.PathLike, model: str, metrics: Optional[dict] = None) -> float:
+    """The model's decision threshold (model.json, else metrics, else 0.5)."""
+    mj = model_json(run_dir, model)
+    if mj.get("threshold") is not None:
+        return float(mj["threshold"])
+    for s in ((metrics or {}).get("sets") or {}):
+        mm = (level_block(metrics, s).get("models") or {}).get(model) or {}
+        if mm.get("threshold") is not None:
+            return float(mm["threshold"])
+    return 0.5
+
+
+# ----------------------------------------------------------------- manifests
+def data_dir() -> Path:
+    """Where the dashboard keeps generated synthetic cohorts: ``$NHB_DATA_DIR`` or ``./data``."""
+    return Path(os.environ.get("NHB_DATA_DIR") or "data")
+
+
+def synthetic_manifest_path(preset: str = "small") -> Path:
+    return data_dir() / f"synthetic-{preset}" / "manifest.csv"
+
+
+def known_manifests(runs_dir: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(label, path) of manifests the dashboard can offer: the synthetic presets
+    (generated on demand) and those used by existing runs."""
+    out: list[tuple[str, Path]] = [
+        ("synthetic cohort, small preset (generated on first use)", synthetic_manifest_path("small")),
+        ("synthetic cohort, paper preset (generated on first use)", synthetic_manifest_path("paper")),
+    ]
+    seen = {p.resolve() for _, p in out}
+    for r in list_runs(runs_dir):
+        st = read_status(r) or {}
+        m = st.get("manifest") or read_config(r).get("manifest")
+        if not m:
+            continue
+        p = Path(m)
+        if p.resolve() in seen or not p.is_file():
+            continue
+        seen.add(p.resolve())
+        out.append((f"manifest of run {r.name}", p))
+    return out
+
+
+def ensure_synthetic(preset: str = "small", seed: int = 0, progress=None) -> Path:
+    """The synthetic cohort's manifest, generated with :func:`nhb_core.synth.synthesize` if absent."""
+    p = synthetic_manifest_path(preset)
+    if p.exists():
+        return p
+    from nhb_core.synth import synthesize
+
+    return Path(synthesize(p.parent, preset=preset, seed=seed, progress=progress))
+
+
+def manifest_centers(manifest: str | os.PathLike) -> list[str]:
+    """Sorted center names of a manifest ([] when unreadable)."""
+    try:
+        df = pd.read_csv(manifest, dtype=str, usecols=lambda c: c == "center", keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return []
+    if "center" not in df.columns:
+        return []
+    return sorted({c for c in df["center"] if c})
