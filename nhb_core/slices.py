@@ -57,7 +57,7 @@ ALGORITHM_VERSION = 1
 
 INDEX_COLUMNS = ["subject_id", "center", "label", "slice_index", "source_sha256", "roi_sha256",
                  "row", "image_sha256", "roi_voxels"]
-PATH_COLUMNS = ("t1_path", "roi_path")
+PATH_COLUMNS = ("t1", "roi", "t1_path", "roi_path")
 
 
 # --------------------------------------------------------------------------- config
