@@ -1,0 +1,235 @@
+"""Study configuration: defaults, YAML loading, merging and CLI overrides.
+
+A study config is a plain nested ``dict`` (what ``config.yaml`` in a run folder
+holds). Every key has a default in :data:`DEFAULTS`; a user file or dict only
+names what it changes::
+
+    models: [resnet18, densenet121, efficientnet_b0]
+    seed: 0
+    prepare: {size: 64}                 # nhb_core.slices.PrepareConfig fields (+ workers)
+    split: {unit: subject, dev_centers: [A], test_size: 0.2, val_size: 0.15}
+    train: {epochs: 12, batch_size: 32}  # nhb_core.train.TrainConfig fields
+    stats: {n_boot: 1000}
+    saliency: {n_cases: 4}
+
+Sections ``prepare`` and ``train`` are passed to the dataclasses of their
+modules; their keys are checked against those dataclasses when the study runs
+(an unknown key is a :class:`~nhb_core.errors.ConfigError`). The other
+sections are checked here by :func:`resolve_config`.
+
+Seeds: the top-level ``seed`` is used for the split and for training unless
+``split.seed`` / ``train.seed`` are given explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from nhb_core.errors import ConfigError
+from nhb_core.fileio import atomic_write_text
+
+#: The paper's three architectures (timm names).
+PAPER_MODELS = ["resnet18", "densenet121", "efficientnet_b0"]
+
+#: Default study configuration. The demo (``python -m nhb_core demo``) uses it as
+#: is, so it is sized to finish the paper preset (about 277 subjects, 830 slices,
+#: three models) in under 15 minutes on 2 CPU cores: 64 px slices and a few epochs.
+DEFAULTS: dict[str, Any] = {
+    "name": None,            # free text shown in the report; defaults to the run folder's name
+    "manifest": None,        # absolute path of the manifest (filled in by run_study)
+    "models": list(PAPER_MODELS),
+    "seed": 0,
+    "device": "auto",        # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    "n_gpus": 1,             # > 1: each training stage runs under torchrun with this many processes
+    "cache_dir": None,       # None: the prepared dataset lives in RUNDIR/dataset; else shared, keyed by its fingerprint
+    "validate": {"nbna_threshold": 37, "check_images": True},
+    "prepare": {"size": 64, "workers": None},
+    "split": {"unit": "subject", "dev_centers": None, "test_size": 0.2, "val_size": 0.15, "seed": None},
+    "train": {"epochs": 8, "batch_size": 32, "seed": None},
+    "evaluate": {"aggregate": "mean", "batch_size": 128},
+    "stats": {"n_boot": 1000},
+    "saliency": {"n_cases": 4, "method": "gradcam", "enabled": True},
+    "report": {"enabled": True},
+}
+
+# Sections whose keys are checked against a dataclass at run time (free here).
+_OPEN_SECTIONS = {"prepare", "train", "stats", "saliency", "evaluate"}
+
+
+def default_config() -> dict[str, Any]:
+    """A deep copy of :data:`DEFAULTS`."""
+    return copy.deepcopy(DEFAULTS)
+
+
+def deep_merge(base: Mapping[str, Any], override: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """A new dict: ``base`` updated by ``override`` recursively (lists and scalars replace)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in (override or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict (``ConfigError`` naming the file when invalid)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "config file not found", "Give the path of an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        row = mark.line + 1 if mark is not None else None
+        raise ConfigError(path, f"not valid YAML ({getattr(err, 'problem', None) or err})",
+                          "Fix the YAML syntax", row=row) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "the top level is not a mapping of options", "Write 'key: value' lines")
+    return data
+
+
+def _parse_models(models: Any, source: str) -> list[str]:
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",")]
+    if not isinstance(models, (list, tuple)) or not models:
+        raise ConfigError(source, "'models' must be a non-empty list of model names",
+                          "Write e.g. models: [resnet18, densenet121]")
+    out = [str(m).strip() for m in models if str(m).strip()]
+    if not out:
+        raise ConfigError(source, "'models' is empty", "Name at least one model, e.g. resnet18")
+    if len(set(out)) != len(out):
+        raise ConfigError(source, f"'models' lists a model twice ({', '.join(out)})", "List each model once")
+    return out
+
+
+def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = None,
+                   overrides: Optional[Mapping[str, Any]] = None,
+                   source: str = "config") -> dict[str, Any]:
+    """The full study config: defaults < ``config`` (dict or YAML path) < ``overrides``.
+
+    Parameters
+    ----------
+    config : dict, path or None
+        A (partial) config dict or the path of a YAML file.
+    overrides : dict or None
+        Flat CLI-style overrides applied last: ``models`` (list or comma string),
+        ``epochs``, ``split_unit``, ``seed``, ``device``, ``n_gpus``, ``n_boot``; None values are ignored.
+    source : str
+        The name used in error messages when ``config`` is a dict.
+
+    Returns
+    -------
+    dict
+        A new dict with every section of :data:`DEFAULTS`; seeds propagated.
+
+    Raises
+    ------
+    ConfigError
+        Unknown top-level key or section, wrong types, bad split unit.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        source = str(config)
+        user = load_yaml(config)
+    else:
+        user = copy.deepcopy(dict(config or {}))
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(source, f"unknown option(s) {', '.join(map(repr, unknown))}",
+                          f"Use only {', '.join(sorted(DEFAULTS))}")
+    for k, v in user.items():
+        if isinstance(DEFAULTS[k], dict) and not isinstance(v, Mapping) and v is not None:
+            raise ConfigError(source, f"'{k}' must be a mapping of options, not {type(v).__name__}",
+                              f"Write '{k}:' followed by indented 'option: value' lines")
+        if isinstance(DEFAULTS[k], dict) and v is None:
+            user[k] = {}
+        if isinstance(DEFAULTS[k], dict) and k not in _OPEN_SECTIONS:
+            bad = sorted(set(user[k]) - set(DEFAULTS[k]))
+            if bad:
+                raise ConfigError(source, f"unknown option(s) {', '.join(repr(f'{k}.{b}') for b in bad)}",
+                                  f"Use only {', '.join(f'{k}.{o}' for o in DEFAULTS[k])}")
+    cfg = deep_merge(DEFAULTS, user)
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "models" in ov:
+        cfg["models"] = ov.pop("models")
+    if "epochs" in ov:
+        cfg["train"]["epochs"] = int(ov.pop("epochs"))
+    if "split_unit" in ov:
+        cfg["split"]["unit"] = ov.pop("split_unit")
+    if "seed" in ov:
+        seed = int(ov.pop("seed"))
+        cfg["seed"] = seed
+        cfg["split"]["seed"] = None
+        cfg["train"]["seed"] = None
+    if "n_boot" in ov:
+        cfg["stats"]["n_boot"] = int(ov.pop("n_boot"))
+    for k in ("device", "n_gpus", "cache_dir", "name", "manifest"):
+        if k in ov:
+            cfg[k] = ov.pop(k)
+    if ov:
+        raise ConfigError("command line", f"unknown override(s) {', '.join(sorted(ov))}", "Check the options")
+
+    cfg["models"] = _parse_models(cfg["models"], source)
+    try:
+        cfg["seed"] = int(cfg["seed"])
+        cfg["n_gpus"] = int(cfg["n_gpus"] or 1)
+    except (TypeError, ValueError):
+        raise ConfigError(source, "'seed' and 'n_gpus' must be integers", "Write e.g. seed: 0") from None
+    if cfg["n_gpus"] < 1:
+        raise ConfigError(source, "'n_gpus' must be at least 1", "Write n_gpus: 1 for one device")
+    unit = cfg["split"].get("unit")
+    if unit not in ("subject", "slice"):
+        raise ConfigError(source, f"split.unit must be 'subject' or 'slice', not {unit!r}",
+                          "Use subject (recommended) or slice (leaky, for teaching)")
+    if cfg["split"].get("seed") is None:
+        cfg["split"]["seed"] = cfg["seed"]
+    if cfg["train"].get("seed") is None:
+        cfg["train"]["seed"] = cfg["seed"]
+    dc = cfg["split"].get("dev_centers")
+    if isinstance(dc, str):
+        cfg["split"]["dev_centers"] = [c.strip() for c in dc.split(",") if c.strip()]
+    ep = cfg["train"].get("epochs")
+    if ep is not None and (not isinstance(ep, int) or ep < 1):
+        raise ConfigError(source, f"train.epochs must be a positive integer, not {ep!r}", "Write e.g. epochs: 10")
+    return cfg
+
+
+def to_yaml(cfg: Mapping[str, Any]) -> str:
+    """The config as YAML text (keys in :data:`DEFAULTS` order)."""
+    import yaml
+
+    from nhb_core.fileio import to_json
+    import json
+
+    plain = json.loads(to_json(dict(cfg)))  # numpy/Path-safe plain types
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as YAML atomically (a run's ``config.yaml``)."""
+    header = "# NHB Lab study config: rerun with  python -m nhb_core study --config <this file> --out <run dir>\n"
+    return atomic_write_text(path, header + to_yaml(cfg))
+
+
+def dataclass_kwargs(cls: type, section: Mapping[str, Any], section_name: str, source: str = "config.yaml",
+                     drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``section`` filtered for the dataclass ``cls`` (None values dropped, ``drop`` keys removed).
+
+    Raises ConfigError naming the unknown keys, listing the valid ones.
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in section.items() if k not in drop and v is not None}
+    bad = sorted(set(kw) - names)
+    if bad:
+        raise ConfigError(source, f"unknown option(s) {', '.join(repr(f'{section_name}.{b}') for b in bad)}",
+                          f"Valid {section_name} options: {', '.join(sorted(names))}")
+    return kw
