@@ -512,3 +512,59 @@ def manifest_centers(manifest: str | os.PathLike) -> list[str]:
     if "center" not in df.columns:
         return []
     return sorted({c for c in df["center"] if c})
+
+
+# ----------------------------------------------------------------- images
+#: ROI contour colours: label 1 (left GP) green, label 2 (right GP) orange, other labels yellow.
+ROI_COLOURS = {1: (0, 220, 0), 2: (255, 140, 0)}
+
+
+def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
+    """Axial slice ``z`` of an (X, Y, Z) RAS+ volume oriented for display like the
+    model crops: row 0 anterior, column 0 the patient's right (radiological)."""
+    return np.asarray(volume[::-1, ::-1, int(z)]).T
+
+
+def gray_u8(image2d: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 between the image's 1st and 99th percentiles (per slice)."""
+    a = np.nan_to_num(np.asarray(image2d, dtype=np.float64))
+    lo, hi = (np.percentile(a, [1, 99]) if a.size else (0.0, 1.0))
+    if hi <= lo:
+        lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return (np.clip((a - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def slice_with_contours(image2d: np.ndarray, labels2d: Optional[np.ndarray] = None, scale: int = 1) -> np.ndarray:
+    """RGB uint8 [H*scale, W*scale, 3]: the slice in grayscale with the outline of
+    each ROI label in its colour (:data:`ROI_COLOURS`)."""
+    from scipy.ndimage import binary_erosion
+
+    g = gray_u8(image2d)
+    if scale > 1:
+        g = np.repeat(np.repeat(g, scale, 0), scale, 1)
+    rgb = np.repeat(g[..., None], 3, axis=2)
+    if labels2d is not None:
+        lab = np.asarray(labels2d)
+        if scale > 1:
+            lab = np.repeat(np.repeat(lab, scale, 0), scale, 1)
+        for v in [int(x) for x in np.unique(lab) if x > 0]:
+            m = lab == v
+            edge = m & ~binary_erosion(m, border_value=0)
+            rgb[edge] = ROI_COLOURS.get(v, (255, 230, 0))
+    return rgb
+
+
+def montage_picks(df: pd.DataFrame, n_per_group: int = 4, seed: int = 0) -> dict[tuple[str, int], list[str]]:
+    """Subject ids for a controls-vs-injured montage: up to ``n_per_group`` per
+    (center, label), drawn reproducibly with ``seed``."""
+    out: dict[tuple[str, int], list[str]] = {}
+    if df.empty:
+        return out
+    for (c, lab), g in df.groupby(["center", "label"], sort=True):
+        ids = sorted(g["subject_id"].astype(str))
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(ids), size=min(n_per_group, len(ids)), replace=False)
+        out[(str(c), int(lab))] = [ids[i] for i in sorted(pick)]
+    return out
