@@ -25,9 +25,11 @@ Geometry conventions (all in the RAS+ closest-canonical arrays that
   superior; for an oblique axial acquisition still the acquired slice axis);
 * an output image row runs anterior (row 0) -> posterior, a column runs the
   patient's right (column 0) -> left: the radiological display convention;
-* pixel ``(r, c)`` samples the in-plane voxel position
-  ``centre + (crop_mm/2 - (k + 0.5) * crop_mm/size) / spacing`` along each axis,
-  so the crop covers exactly ``crop_mm`` mm whatever the voxel size;
+* pixel ``(r, c)`` lies ``crop_mm/2 - (c + 0.5) * crop_mm/size`` mm to the right
+  and ``crop_mm/2 - (r + 0.5) * crop_mm/size`` mm anterior of the ROI centroid,
+  measured in the slice plane, so the crop covers exactly ``crop_mm`` mm whatever
+  the voxel size; an oblique slice keeps its plane but its in-plane rotation is
+  undone (:func:`inplane_matrix`);
 * outside the image the crop is padded with the volume's background (its
   minimum intensity, normalised like every other value: 0 for the default
   clipped percentile normalisation).
@@ -266,23 +268,54 @@ def apply_norm(x: np.ndarray, offset: float, scale: float, config: PrepareConfig
     return x
 
 
-def sampling_grid(centre_xy: tuple[float, float], spacing_xy: tuple[float, float],
-                  config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel coordinates (x, y) of the output pixels, each shape (size, size) [row, col].
+def inplane_matrix(affine: Optional[np.ndarray], spacing: tuple[float, ...]) -> np.ndarray:
+    """Voxel displacement (along array axes 0, 1) per mm towards patient right / anterior.
 
-    Row 0 is the most anterior (largest y), column 0 the patient's right (largest x).
+    Returns a 2x2 matrix ``M``: ``[di, dj] = M @ [d_right_mm, d_anterior_mm]``. The
+    directions are world R and A projected onto the slice plane (spanned by array
+    axes 0 and 1) and orthonormalised, so an oblique acquisition is cropped in its
+    own slice plane (never through-plane) but with its in-plane rotation undone.
+    Without an affine, the array axes are taken as R and A with ``spacing``.
+    """
+    if affine is None:
+        return np.diag([1.0 / float(spacing[0]), 1.0 / float(spacing[1])])
+    L = np.asarray(affine, dtype=np.float64)[:3, :2]
+    n = np.cross(L[:, 0], L[:, 1])
+    nn = np.linalg.norm(n)
+    if not nn > 0:
+        raise ImageError(None, "the image affine is degenerate in-plane", "Fix the image header")
+    n /= nn
+    r = np.array([1.0, 0.0, 0.0]) - n[0] * n
+    if np.linalg.norm(r) < 1e-6:  # plane perpendicular to R: fall back to the array axis
+        r = L[:, 0].copy()
+    r /= np.linalg.norm(r)
+    a = np.array([0.0, 1.0, 0.0]) - n[1] * n
+    a -= a.dot(r) * r
+    if np.linalg.norm(a) < 1e-6:
+        a = np.cross(n, r)
+    a /= np.linalg.norm(a)
+    return np.linalg.pinv(L) @ np.stack([r, a], axis=1)
+
+
+def sampling_grid(centre_xy: tuple[float, float], inplane: np.ndarray, config: PrepareConfig,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel coordinates (along array axes 0, 1) of the output pixels, each shape (size, size) [row, col].
+
+    ``inplane`` is :func:`inplane_matrix`. Row 0 is the most anterior, column 0 the
+    patient's right; pixel centres are ``crop_mm / size`` mm apart.
     """
     n, c = config.size, config.crop_mm
     off = c / 2.0 - (np.arange(n, dtype=np.float64) + 0.5) * c / n  # mm, decreasing
-    xs = centre_xy[0] + off / spacing_xy[0]  # along columns
-    ys = centre_xy[1] + off / spacing_xy[1]  # along rows
-    gx = np.broadcast_to(xs[None, :], (n, n))
-    gy = np.broadcast_to(ys[:, None], (n, n))
+    d_right = off[None, :]  # varies along columns
+    d_ant = off[:, None]  # varies along rows
+    M = np.asarray(inplane, dtype=np.float64)
+    gx = centre_xy[0] + M[0, 0] * d_right + M[0, 1] * d_ant
+    gy = centre_xy[1] + M[1, 0] * d_right + M[1, 1] * d_ant
     return gx, gy
 
 
 def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float, float],
-                   config: PrepareConfig, t1_name: Optional[str] = None,
+                   config: PrepareConfig, affine: Optional[np.ndarray] = None, t1_name: Optional[str] = None,
                    roi_name: Optional[str] = None) -> dict[str, Any]:
     """All the per-subject work on arrays already loaded (RAS+ closest canonical).
 
@@ -295,6 +328,9 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
     spacing : tuple of 3 floats
         Voxel size in mm along X, Y, Z.
     config : PrepareConfig
+    affine : np.ndarray (4, 4) or None
+        Voxel -> RAS mm; used to undo an oblique in-plane rotation (see
+        :func:`inplane_matrix`). None: array axes 0, 1 are taken as R, A.
     t1_name, roi_name : str or None
         File names used in error messages.
 
@@ -339,10 +375,16 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
         offset, scale, background = intensity_stats(t1, config)
     except ImageError as err:
         raise ImageError(t1_name, err.problem, err.fix) from None
-    gx, gy = sampling_grid((centroid[0], centroid[1]), (sx, sy), config)
+    try:
+        M = inplane_matrix(affine, (sx, sy))
+    except ImageError as err:
+        raise ImageError(t1_name, err.problem, err.fix) from None
+    gx, gy = sampling_grid((centroid[0], centroid[1]), M, config)
     coords = np.stack([gx, gy])  # (2, size, size)
     pix_mm = config.crop_mm / config.size
-    sigma = (max(0.0, (pix_mm / sx - 1) / 2), max(0.0, (pix_mm / sy - 1) / 2)) if config.antialias else (0.0, 0.0)
+    # voxels per output pixel along each array axis -> anti-aliasing sigma (voxels)
+    step = pix_mm * np.abs(M).max(axis=1)
+    sigma = tuple(float(max(0.0, (f - 1) / 2)) for f in step) if config.antialias else (0.0, 0.0)
 
     # only the in-plane box the grid touches (plus a margin for the filter) is processed
     margin = int(np.ceil(3 * max(sigma))) + 2
@@ -381,7 +423,8 @@ def process_subject(t1_path: str, roi_path: str, config: PrepareConfig) -> dict[
 
     t1 = load_t1(t1_path)
     roi = load_roi(roi_path, reference=t1)
-    return extract_slices(t1.data, roi.data, tuple(t1.spacing), config, t1_name=str(t1_path), roi_name=str(roi_path))
+    return extract_slices(t1.data, roi.data, tuple(t1.spacing), config, affine=t1.affine, t1_name=str(t1_path),
+                          roi_name=str(roi_path))
 
 
 # --------------------------------------------------------------------------- hashing + cache
