@@ -393,8 +393,14 @@ def _read_dicom_series(folder: Path) -> Volume:
     headers = []
     for p in _dicom_candidates(folder):
         ds = _read_header(p)
-        if ds is None or "Rows" not in ds or "Columns" not in ds:
-            continue  # not an image file (README, DICOMDIR, structured report, ...)
+        if ds is None:
+            continue  # not DICOM (README, notes, ...)
+        if "Rows" not in ds or "Columns" not in ds:
+            sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+            if sop is not None and "Image Storage" in getattr(sop, "name", ""):
+                raise DicomError(folder, f"{p.name} is truncated or corrupt (an image file without image header)",
+                                 "Copy the series again from the scanner or PACS")
+            continue  # a non-image DICOM object (DICOMDIR, structured report, ...)
         headers.append((p, ds))
     if not headers:
         sub = [d.name for d in sorted(folder.iterdir()) if d.is_dir()][:5] if folder.is_dir() else []

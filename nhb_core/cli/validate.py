@@ -60,7 +60,8 @@ def _print_tables(report) -> None:
     console = Console(file=sys.stdout)
     man = report.manifest
     ct = report.cohort_table
-    t = Table(title=f"Cohort: {len(man)} subjects, {len(ct)} center(s) (NHB = nbna <= {man.nbna_threshold:g} or label 1)")
+    t = Table(title=f"Cohort: {len(man)} subjects, {len(ct)} center(s)",
+              caption=f"NHB = label 1 (nbna <= {man.nbna_threshold:g} where no label)")
     t.add_column("center")
     t.add_column("controls (0)", justify="right")
     t.add_column("NHB (1)", justify="right")
