@@ -98,17 +98,24 @@ def threshold_metrics(y, score, threshold: float, level: float = 0.95, *, source
     """
     yb = as_labels(y, source=source)
     s = as_scores(score, yb.size, source=source, column=column)
-    if threshold is None or not np.isfinite(float(threshold)):
-        raise StatsInputError(source or "--threshold", f"threshold {threshold!r} is not a finite number",
+    if threshold is None or np.isnan(float(threshold)):
+        raise StatsInputError(source or "--threshold", f"threshold {threshold!r} is not a number",
                               "Fix the threshold in advance (e.g. Youden on the validation set)")
     c = confusion(yb, s >= float(threshold))
     return {"threshold": float(threshold), "confusion": c, **_metrics_from_confusion(c, level)}
 
 
-def youden_threshold(y, score, *, source: str | None = None) -> float:
+def youden_threshold(y, score, *, return_all: bool = False, source: str | None = None):
     """The threshold maximising sensitivity + specificity - 1 (pROC ``coords(best.method="youden")``;
-    among ties, the lowest threshold; positive when ``score >= threshold``). Use it on the
-    validation set only."""
+    positive when ``score >= threshold``). Use it on the validation set only.
+
+    Returns
+    -------
+    float: the lowest of the tied best thresholds; when that is -inf / +inf (no threshold beats
+    calling everything positive / negative) the lowest score / just above the highest score, so the
+    value is always finite. With ``return_all=True``: dict {"threshold": [every tied threshold,
+    ascending, as pROC, possibly -inf/inf], "sensitivity": [...], "specificity": [...], "J": float}.
+    """
     yb = as_labels(y, source=source)
     s = as_scores(score, yb.size, source=source)
     m, n = need_both_classes(yb, source=source)
@@ -117,7 +124,12 @@ def youden_threshold(y, score, *, source: str | None = None) -> float:
     tp = np.rint(rc.sensitivity * m).astype(np.int64)
     tn = np.rint(rc.specificity * n).astype(np.int64)
     j = tp * n + tn * m
-    k = int(np.flatnonzero(j == j.max())[0])
+    best = np.flatnonzero(j == j.max())
+    if return_all:
+        return {"threshold": rc.thresholds[best].tolist(), "sensitivity": rc.sensitivity[best].tolist(),
+                "specificity": rc.specificity[best].tolist(),
+                "J": float(rc.sensitivity[best[0]] + rc.specificity[best[0]] - 1)}
+    k = int(best[0])
     t = float(rc.thresholds[k])
     if not np.isfinite(t):  # a degenerate best (everything positive / negative): use the extreme score
         t = float(s.min()) if t < 0 else float(np.nextafter(s.max(), np.inf))
