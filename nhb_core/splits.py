@@ -98,7 +98,8 @@ def _stratified_take(ids: np.ndarray, labels: np.ndarray, frac: float, rng: np.r
     total = int(round(frac * n))
     total = min(max(total, 1), n - 1) if n >= 2 else 0
     classes = sorted(np.unique(labels).tolist())
-    members = {c: ids[labels == c] for c in classes}
+    # sorted members: the result does not depend on the index's row order
+    members = {c: np.array(sorted(ids[labels == c].tolist()), dtype=ids.dtype) for c in classes}
     exact = {c: frac * len(members[c]) for c in classes}
     take = {c: int(np.floor(exact[c])) for c in classes}
     # largest remainder to reach the total
@@ -131,7 +132,7 @@ def _stratified_folds(ids: np.ndarray, labels: np.ndarray, k: int, rng: np.rando
     folds: list[list[Any]] = [[] for _ in range(k)]
     start = 0
     for c in sorted(np.unique(labels).tolist()):
-        perm = rng.permutation(ids[labels == c])
+        perm = rng.permutation(np.array(sorted(ids[labels == c].tolist()), dtype=ids.dtype))
         for j, s in enumerate(perm):
             folds[(start + j) % k].append(s)
         start = (start + len(perm)) % k  # keep fold sizes balanced across labels
