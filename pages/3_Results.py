@@ -1,0 +1,165 @@
+"""Results: one run, or two side by side (e.g. subject-level vs slice-level split).
+
+Every number comes from the run's metrics.json / predictions (nhb_core.stats via
+the study); every figure from nhb_core.figures (shared with the HTML report).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+import dashboard_ui as ui  # noqa: E402
+from nhb_core import dashboard_data as dd  # noqa: E402
+from nhb_core import figures  # noqa: E402
+from nhb_core.fileio import to_json  # noqa: E402
+
+runs = ui.page("Results")
+st.title("Results")
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def roc_fig(mkey: tuple, set_name: str, level: str):
+    return figures.roc_figure(ui.metrics(Path(mkey[0]).parent), set_name, level, height=430)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
+    run_dir = Path(mkey[0]).parent
+    m = ui.metrics(run_dir) or {}
+    pred = ui.predictions(run_dir, set_name, "subjects" if level == "subject" else "slices")
+    return (figures.confusion_figure(m, set_name, level, pred=pred),
+            figures.calibration_figure(m, set_name, level, pred=pred),
+            figures.decision_curve_figure(m, set_name, level, pred=pred))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def train_fig(keys: tuple, run: str):
+    run_dir = Path(run)
+    models = dd.run_models(run_dir)
+    return figures.training_figure({m: ui.history(run_dir, m) for m in models if len(ui.history(run_dir, m))},
+                                   models)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def metrics_bytes(mkey: tuple) -> bytes:
+    return Path(mkey[0]).read_bytes()
+
+
+def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
+    m = ui.metrics(run_dir)
+    if not m:
+        st.info("This run has no metrics.json yet.")
+        return
+    mkey = dd.file_key(run_dir / "metrics.json")
+    summ = dd.run_summary(run_dir)
+    unit = (m.get("run") or {}).get("split_unit") or ("slice" if m.get("leaky") else "subject")
+    st.markdown(f"### {ui.md_escape(run_dir.name)}")
+    st.caption(f"split unit: {unit}; models: {ui.md_escape(', '.join(summ['models']))}; "
+               f"created {ui.md_escape(summ['created'])}")
+    if m.get("leaky"):
+        st.error("**LEAKY RUN**: slice-level split, slices of the same neonate are in both training and test sets "
+                 f"({m.get('n_shared_subjects') or 'some'} shared subjects). Its AUCs are optimistic.",
+                 icon=":material/warning:")
+    sets = [s for s in dd.sort_sets((m.get("sets") or {}).keys()) if s != "val"]
+    if not sets:
+        st.info("No evaluated sets.")
+        return
+
+    st.markdown("#### ROC curves per set")
+    st.caption("Bands: 95% DeLong-based confidence band; open circles: the model at its threshold; black markers: "
+               "readers; dotted: oracle (synthetic truth) where known.")
+    per_row = 1 if compact else min(3, len(sets))
+    for i in range(0, len(sets), per_row):
+        cols = st.columns(per_row)
+        for c, s in zip(cols, sets[i:i + per_row]):
+            c.plotly_chart(roc_fig(mkey, s, level), key=f"{kp}roc_{s}_{level}", width="stretch")
+
+    st.markdown("#### AUC (95% CI) and threshold metrics")
+    tab = dd.auc_table(m, level)
+    if not tab.empty:
+        ui.show_table(tab, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                          for c in tab.columns if tab[c].dtype.kind == "f"})
+    if m.get("oracle_auc"):
+        st.caption("Oracle AUC (synthetic truth) per center: "
+                   + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["oracle_auc"].items()))
+
+    set_pick = st.selectbox("Set for the detailed tables", sets, format_func=dd.set_label, key=f"{kp}set")
+    st.markdown("#### DeLong p-values (paired, model vs model)")
+    dl = dd.delong_matrix(m, set_pick, level)
+    if dl.shape[0] >= 2:
+        st.dataframe(dl.style.format("{:.4f}", na_rep="-"), width="stretch")
+    else:
+        st.caption("One model: nothing to compare.")
+    rt = dd.reader_table(m, set_pick, level)
+    st.markdown("#### Readers vs models (McNemar at the model's threshold)")
+    if rt.empty:
+        st.caption("No reader columns for this set/level." + (" Readers are scored per subject." if level == "slice" else ""))
+    else:
+        ui.show_table(rt, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                         for c in rt.columns if c != "reader"})
+
+    pkey = dd.file_key(dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices"))
+    if pkey[2] >= 0:
+        conf, cal, dca = pred_figs(mkey, pkey, set_pick, level)
+        st.plotly_chart(conf, key=f"{kp}conf", width="stretch")
+        if compact:
+            st.plotly_chart(cal, key=f"{kp}cal", width="stretch")
+            st.plotly_chart(dca, key=f"{kp}dca", width="stretch")
+        else:
+            c1, c2 = st.columns(2)
+            c1.plotly_chart(cal, key=f"{kp}cal", width="stretch")
+            c2.plotly_chart(dca, key=f"{kp}dca", width="stretch")
+
+    st.markdown("#### Training curves")
+    hkeys = tuple(dd.file_key(run_dir / "models" / x / "history.csv") for x in summ["models"])
+    st.plotly_chart(train_fig(hkeys, str(run_dir)), key=f"{kp}train", width="stretch")
+
+    st.markdown("#### Downloads")
+    c1, c2, c3 = st.columns(3)
+    pk = dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices")
+    if pk.exists():
+        c1.download_button("Predictions CSV", pk.read_bytes(), file_name=f"{run_dir.name}_{pk.name}",
+                           mime="text/csv", key=f"{kp}dl_pred")
+    c2.download_button("Metrics JSON", metrics_bytes(mkey), file_name=f"{run_dir.name}_metrics.json",
+                       mime="application/json", key=f"{kp}dl_metrics")
+    rep = run_dir / "report.html"
+    if rep.exists():
+        c3.download_button("HTML report", rep.read_bytes(), file_name=f"{run_dir.name}_report.html",
+                           mime="text/html", key=f"{kp}dl_report")
+
+
+compare, a, b, level = False, None, None, "subject"
+with ui.guard():
+    finished = dd.finished_runs(runs)
+    if not finished:
+        st.info("No finished run yet. Start one on the Launch page (or `make demo`).")
+        st.stop()
+    names = [r.name for r in finished]
+    c1, c2, c3 = st.columns([2, 2, 1])
+    compare = c3.toggle("Compare two runs", key="res_compare", value=False)
+    level = c3.radio("Level", ["subject", "slice"], horizontal=True, key="res_level",
+                     help="subject: one probability per neonate (mean of its slices); slice: every slice counted "
+                          "(clustered statistics account for slices of one neonate).")
+    a = c1.selectbox("Run", names, key="res_run_a")
+    b = None
+    if compare:
+        others = [n for n in names if n != a] or names
+        b = c2.selectbox("Compare with", others, key="res_run_b")
+
+if a is None:
+    pass
+elif not compare:
+    with ui.guard():
+        render_run(runs / a, level, "a_", compact=False)
+else:
+    ca, cb = st.columns(2)
+    for col, name, kp in ((ca, a, "a_"), (cb, b, "b_")):
+        with col:
+            with ui.guard():
+                render_run(runs / name, level, kp, compact=True)
