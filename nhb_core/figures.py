@@ -144,16 +144,20 @@ def roc_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject"
     for name in names:
         mm = blk["models"][name]
         roc = mm.get("roc") or {}
-        fpr, tpr = roc.get("fpr") or [], roc.get("tpr") or []
+        band_x = roc.get("fpr") or []
+        pts = roc.get("points") or {}
+        if pts.get("fpr"):  # the exact empirical curve; the band is on the FPR grid
+            fpr, tpr = pts["fpr"], pts["tpr"]
+        else:
+            fpr, tpr = roc.get("fpr") or [], roc.get("tpr") or []
         col = model_color(name, all_models)
         lo, hi = roc.get("band_lower"), roc.get("band_upper")
-        band_x = roc.get("band_fpr") or fpr
         if lo and hi and len(lo) == len(band_x) == len(hi):
             fig.add_trace(go.Scatter(x=list(band_x) + list(band_x)[::-1], y=list(hi) + list(lo)[::-1],
                                      fill="toself", fillcolor=_rgba(col, 0.15), line=dict(width=0),
                                      hoverinfo="skip", name=f"{name} 95% band", legendgroup=name, showlegend=False))
         label = f"{name}: AUC {_fmt_ci(mm.get('auc'), mm.get('auc_ci_delong'))}"
-        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(color=col, width=2, shape="hv"),
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", line=dict(color=col, width=2),
                                  name=label, legendgroup=name,
                                  hovertemplate="FPR %{x:.3f}<br>TPR %{y:.3f}<extra>" + name + "</extra>"))
         thr_sens, thr_spec = _value(mm.get("sensitivity")), _value(mm.get("specificity"))
@@ -217,29 +221,45 @@ def confusion_counts(y: Sequence[int], prob: Sequence[float], threshold: float) 
                      [int(((y == 1) & (pred == 0)).sum()), int(((y == 1) & (pred == 1)).sum())]])
 
 
-def confusion_figure(pred: "Any", models: Sequence[str], thresholds: Mapping[str, float],
-                     title: str = "Confusion matrices", truth: str = "label",
-                     readers: Sequence[str] = ()) -> go.Figure:
-    """One 2x2 confusion matrix per model (and per reader column) from a predictions DataFrame.
+def confusion_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
+                     pred: "Any" = None, show_readers: bool = True) -> go.Figure:
+    """One 2x2 confusion matrix per model (and per reader) on one set, at each model's threshold.
 
-    ``pred`` holds ``truth`` and one probability column per model (``<set>__subjects.csv``);
-    reader columns are 0/1 calls (rows with a missing call are left out of that reader's matrix).
+    Counts come from ``metrics`` (``models[m].confusion`` = ``{"tp", "fp", "tn", "fn"}``, the same for
+    readers); when a block lacks them and ``pred`` (the set's predictions DataFrame) is given, they are
+    computed from it at the model's threshold.
     """
-    cols = [m for m in models if m in pred.columns] + [r for r in readers if r in pred.columns]
-    if not cols or len(pred) == 0:
-        return _empty(title, "no predictions")
-    fig = make_subplots(rows=1, cols=len(cols), subplot_titles=[
-        f"{c}<br>thr {thresholds[c]:.3f}" if c in thresholds else c for c in cols], horizontal_spacing=0.06)
-    for k, c in enumerate(cols, start=1):
-        if c in thresholds:
-            cm = confusion_counts(pred[truth], pred[c], float(thresholds[c]))
+    blk = level_block(metrics, set_name, level)
+    title = f"Confusion matrices, {set_label(set_name)} ({level} level)"
+    thresholds = thresholds_of(metrics)
+    cells: list[tuple[str, np.ndarray, Optional[float]]] = []
+    for m in models_of(metrics):
+        mm = (blk.get("models") or {}).get(m)
+        if mm is None:
+            continue
+        c = mm.get("confusion")
+        thr = mm.get("threshold", thresholds.get(m))
+        if c:
+            cm = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+        elif pred is not None and m in pred.columns and thr is not None:
+            cm = confusion_counts(pred["label"], pred[m], float(thr))
         else:
-            ok = pred[c].notna()
-            cm = confusion_counts(pred.loc[ok, truth], pred.loc[ok, c], 0.5)
+            continue
+        cells.append((m, cm, thr))
+    if show_readers:
+        for r, rr in (blk.get("readers") or {}).items():
+            c = rr.get("confusion")
+            if c:
+                cells.append((r, np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]]), None))
+    if not cells:
+        return _empty(title, "no predictions")
+    fig = make_subplots(rows=1, cols=len(cells), horizontal_spacing=0.05, subplot_titles=[
+        f"{name}<br>thr {thr:.3f}" if thr is not None else f"{name}<br>(reader)" for name, _, thr in cells])
+    for k, (name, cm, _) in enumerate(cells, start=1):
         text = [[f"TN {cm[0, 0]}", f"FP {cm[0, 1]}"], [f"FN {cm[1, 0]}", f"TP {cm[1, 1]}"]]
         fig.add_trace(go.Heatmap(z=cm.tolist(), x=["pred 0", "pred 1"], y=["true 0", "true 1"], text=text,
                                  texttemplate="%{text}", colorscale="Blues", showscale=False,
-                                 hovertemplate="%{y}, %{x}: %{z}<extra>" + c + "</extra>"), row=1, col=k)
+                                 hovertemplate="%{y}, %{x}: %{z}<extra>" + name + "</extra>"), row=1, col=k)
         fig.update_yaxes(autorange="reversed", row=1, col=k, showticklabels=(k == 1))
     fig.update_layout(title=title, height=300, **LAYOUT)
     return fig
@@ -255,27 +275,38 @@ def _calib_points(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray
     return mp, fo, n
 
 
-def calibration_figure(pred: "Any", models: Sequence[str], title: str = "Calibration",
-                       truth: str = "label", n_bins: int = 8,
-                       summary: Optional[Mapping[str, Mapping[str, Any]]] = None) -> go.Figure:
-    """Reliability diagram (quantile bins) of every model on one predictions DataFrame.
+def calibration_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
+                       pred: "Any" = None, n_bins: int = 8) -> go.Figure:
+    """Reliability diagram of every model on one set (Wilson 95% CI of each bin's observed fraction).
 
-    ``summary`` (optional) maps model -> metrics block to show calibration intercept/slope and Brier in the legend.
+    Uses ``models[m].calibration.bins`` of metrics.json (``mean_predicted``, ``observed``,
+    ``observed_ci_lower/upper``, ``count``) and shows the calibration intercept, slope and Brier score;
+    when the bins are absent and ``pred`` is given, quantile bins are computed from it.
     """
-    names = [m for m in models if m in pred.columns]
-    if not names or len(pred) == 0:
-        return _empty(title, "no predictions")
-    y = pred[truth].to_numpy(dtype=float)
+    blk = level_block(metrics, set_name, level)
+    title = f"Calibration, {set_label(set_name)} ({level} level)"
+    names = [m for m in models_of(metrics) if m in (blk.get("models") or {})]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#aaaaaa", dash="dash", width=1),
                              name="perfect", hoverinfo="skip"))
+    drawn = 0
     for name in names:
-        p = pred[name].to_numpy(dtype=float)
-        ok = np.isfinite(p)
-        mp, fo, n = _calib_points(y[ok], p[ok], n_bins)
-        label = name
-        mm = (summary or {}).get(name) or {}
+        mm = blk["models"][name]
         cal = mm.get("calibration") or {}
+        bins = cal.get("bins") or {}
+        err = None
+        if bins.get("mean_predicted"):
+            mp, fo, n = bins["mean_predicted"], bins["observed"], bins.get("count")
+            if bins.get("observed_ci_lower") and bins.get("observed_ci_upper"):
+                err = dict(type="data", visible=True, thickness=1,
+                           array=[u - o for u, o in zip(bins["observed_ci_upper"], fo)],
+                           arrayminus=[o - lo for lo, o in zip(bins["observed_ci_lower"], fo)])
+        elif pred is not None and name in pred.columns:
+            p = pred[name].to_numpy(dtype=float)
+            ok = np.isfinite(p)
+            mp, fo, n = _calib_points(pred["label"].to_numpy(dtype=float)[ok], p[ok], n_bins)
+        else:
+            continue
         extras = []
         if cal.get("intercept") is not None:
             extras.append(f"int {cal['intercept']:.2f}")
@@ -283,14 +314,16 @@ def calibration_figure(pred: "Any", models: Sequence[str], title: str = "Calibra
             extras.append(f"slope {cal['slope']:.2f}")
         if _value(mm.get("brier")) is not None:
             extras.append(f"Brier {_value(mm.get('brier')):.3f}")
-        if extras:
-            label += " (" + ", ".join(extras) + ")"
-        fig.add_trace(go.Scatter(x=mp, y=fo, mode="lines+markers", name=label,
-                                 line=dict(color=model_color(name, models)), customdata=n,
+        label = name + (" (" + ", ".join(extras) + ")" if extras else "")
+        fig.add_trace(go.Scatter(x=mp, y=fo, mode="lines+markers", name=label, error_y=err,
+                                 line=dict(color=model_color(name, names)), customdata=n,
                                  hovertemplate="predicted %{x:.2f}<br>observed %{y:.2f}<br>n=%{customdata}<extra>"
                                                + name + "</extra>"))
+        drawn += 1
+    if not drawn:
+        return _empty(title, "no calibration data")
     fig.update_layout(title=title, height=380, xaxis=dict(title="mean predicted probability", range=[0, 1]),
-                      yaxis=dict(title="observed fraction positive", range=[0, 1]),
+                      yaxis=dict(title="observed fraction positive", range=[-0.02, 1.02]),
                       legend=dict(font=dict(size=10)), **LAYOUT)
     return fig
 
@@ -309,31 +342,44 @@ def net_benefit(y: Sequence[int], prob: Sequence[float], thresholds: Sequence[fl
     return np.asarray(out)
 
 
-def decision_curve_figure(pred: "Any", models: Sequence[str], title: str = "Decision curves",
-                          truth: str = "label", thresholds: Optional[Sequence[float]] = None,
-                          readers: Sequence[str] = ()) -> go.Figure:
-    """Decision-curve analysis: net benefit of every model vs treat-all / treat-none over threshold probabilities."""
-    names = [m for m in models if m in pred.columns]
-    if not names or len(pred) == 0:
-        return _empty(title, "no predictions")
-    ts = np.asarray(thresholds if thresholds is not None else np.linspace(0.02, 0.9, 45))
-    y = pred[truth].to_numpy(dtype=int)
-    prev = y.mean() if len(y) else 0.0
+def decision_curve_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
+                          pred: "Any" = None) -> go.Figure:
+    """Decision-curve analysis: net benefit of every model vs treat-all / treat-none.
+
+    Uses ``models[m].decision_curve`` of metrics.json (``thresholds``, ``net_benefit``, ``treat_all``);
+    when absent and ``pred`` is given, net benefit is computed from it.
+    """
+    blk = level_block(metrics, set_name, level)
+    title = f"Decision curves, {set_label(set_name)} ({level} level)"
+    names = [m for m in models_of(metrics) if m in (blk.get("models") or {})]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=ts, y=prev - (1 - prev) * ts / (1 - ts), mode="lines", name="treat all",
-                             line=dict(color="#777777", dash="dash", width=1)))
-    fig.add_trace(go.Scatter(x=ts, y=np.zeros_like(ts), mode="lines", name="treat none",
-                             line=dict(color="#000000", width=1)))
+    ref_done = False
     for name in names:
-        fig.add_trace(go.Scatter(x=ts, y=net_benefit(y, pred[name].to_numpy(dtype=float), ts), mode="lines",
-                                 name=name, line=dict(color=model_color(name, models), width=2)))
-    for i, r in enumerate(r for r in readers if r in pred.columns):
-        ok = pred[r].notna()
-        nb = net_benefit(y[ok.to_numpy()], pred.loc[ok, r].to_numpy(dtype=float), ts)
-        fig.add_trace(go.Scatter(x=ts, y=nb, mode="lines", name=r, line=dict(color="#333333", dash="dot", width=1)))
-    ymin = min(-0.05, -0.1 * max(prev, 0.05))
+        dc = blk["models"][name].get("decision_curve")
+        if dc and dc.get("thresholds"):
+            ts, nb, ta = np.asarray(dc["thresholds"]), dc["net_benefit"], dc.get("treat_all")
+        elif pred is not None and name in pred.columns:
+            ts = np.linspace(0.02, 0.9, 45)
+            y = pred["label"].to_numpy(dtype=int)
+            nb = net_benefit(y, pred[name].to_numpy(dtype=float), ts)
+            pr = y.mean()
+            ta = (pr - (1 - pr) * ts / (1 - ts)).tolist()
+        else:
+            continue
+        if not ref_done:
+            if ta is not None:
+                fig.add_trace(go.Scatter(x=ts, y=ta, mode="lines", name="treat all",
+                                         line=dict(color="#777777", dash="dash", width=1)))
+            fig.add_trace(go.Scatter(x=ts, y=np.zeros_like(ts), mode="lines", name="treat none",
+                                     line=dict(color="#000000", width=1)))
+            ref_done = True
+        fig.add_trace(go.Scatter(x=ts, y=nb, mode="lines", name=name, line=dict(color=model_color(name, names), width=2)))
+    if not ref_done:
+        return _empty(title, "no decision-curve data")
+    n_pos, n = blk.get("n_pos"), blk.get("n")
+    top = (n_pos / n) if n_pos is not None and n else 0.5
     fig.update_layout(title=title, height=380, xaxis=dict(title="threshold probability"),
-                      yaxis=dict(title="net benefit", range=[ymin, max(prev, 0.05) * 1.1]),
+                      yaxis=dict(title="net benefit", range=[-0.1 * max(top, 0.05) - 0.02, max(top, 0.05) * 1.15]),
                       legend=dict(font=dict(size=10)), **LAYOUT)
     return fig
 

@@ -24,7 +24,7 @@ from nhb_core.fileio import atomic_write_text, read_json
 #: Bump when the report's content changes (part of the study's report-stage cache key).
 REPORT_VERSION = 1
 
-THRESHOLD_KEYS = ["accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "youden"]
+THRESHOLD_KEYS = ["accuracy", "sensitivity", "specificity", "precision", "npv", "f1"]
 
 # (checklist, topic, section id, how the report answers it). "author" = the manuscript must answer it.
 CHECKLIST = [
@@ -100,7 +100,7 @@ def _fmt_p(p: Any) -> str:
 
 def _ordered_sets(metrics: Mapping[str, Any]) -> list[str]:
     sets = list((metrics.get("sets") or {}).keys())
-    key = {"test": 0, "val": 9}
+    key = {"test": 0, "pooled": 7, "val": 9}
     return sorted(sets, key=lambda s: (key.get(s, 1 if s.startswith("external:") else 5), s))
 
 
@@ -181,17 +181,11 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
         entry["roc_slice"] = figs.html(F.roc_figure(metrics, s, "slice", show_readers=False)) \
             if "slice" in entry["levels"] else None
         entry["delong"] = F.delong_matrix(metrics, s, "subject")
-        entry["fig_delong"] = figs.html(F.delong_figure(metrics, s, "subject")) if len(entry["delong"][0]) > 1 else None
         pred = F.load_predictions(run_dir, s, "subject")
-        if pred is not None:
-            title = f"{F.set_label(s)} (subject level)"
-            entry["fig_confusion"] = figs.html(F.confusion_figure(pred, models, thresholds,
-                                                                  title=f"Confusion matrices, {title}", readers=readers))
-            summ = (entry["levels"].get("subject") or {}).get("models") or {}
-            entry["fig_calibration"] = figs.html(F.calibration_figure(pred, models, title=f"Calibration, {title}",
-                                                                      summary=summ))
-            entry["fig_decision"] = figs.html(F.decision_curve_figure(pred, models, title=f"Decision curves, {title}",
-                                                                      readers=readers))
+        if entry["levels"].get("subject"):
+            entry["fig_confusion"] = figs.html(F.confusion_figure(metrics, s, "subject", pred=pred))
+            entry["fig_calibration"] = figs.html(F.calibration_figure(metrics, s, "subject", pred=pred))
+            entry["fig_decision"] = figs.html(F.decision_curve_figure(metrics, s, "subject", pred=pred))
         per_set.append(entry)
     ctx["per_set"] = per_set
     ctx["threshold_keys"] = THRESHOLD_KEYS
@@ -306,7 +300,6 @@ TEMPLATE = r"""<!DOCTYPE html>
 {% if blk.comparisons %}<table><thead><tr><th>a</th><th>b</th><th>AUC difference [95% CI]</th><th>z</th><th>p</th></tr></thead><tbody>
 {% for c in blk.comparisons %}<tr><td>{{ c.a }}</td><td>{{ c.b }}</td><td class="num">{{ fmt_ci(c.auc_diff, c.ci) }}</td><td class="num">{{ fmt(c.delong_z, 2) }}</td><td class="num">{{ fmt_p(c.delong_p) }}</td></tr>{% endfor %}
 </tbody></table>{% endif %}
-{% if e.fig_delong %}{{ e.fig_delong | safe }}{% endif %}
 {% endif %}{% endif %}{% endfor %}
 </section>
 
@@ -319,9 +312,10 @@ TEMPLATE = r"""<!DOCTYPE html>
 {% for m, mm in blk.models.items() %}<tr><td>{{ m }}</td><td class="num">{{ fmt(mm.threshold) }}</td>{% for k in threshold_keys %}<td class="num">{{ fmt(mm[k]) if mm[k] is defined else "" }}</td>{% endfor %}</tr>{% endfor %}
 {% for r, rr in (blk.readers or {}).items() %}<tr><td><i>{{ r }}</i></td><td></td>{% for k in threshold_keys %}<td class="num">{{ fmt(rr[k]) if rr[k] is defined else "" }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table>
-{% if blk.readers %}<table><thead><tr><th>reader</th><th>model</th><th>McNemar p</th><th>details</th></tr></thead><tbody>
+{% if blk.readers %}<table><thead><tr><th>reader</th><th>model</th><th>McNemar p (calls)</th><th>McNemar p (sensitivity)</th><th>McNemar p (specificity)</th><th>precision difference [95% CI]</th><th>p</th></tr></thead><tbody>
 {% for r, rr in blk.readers.items() %}{% for m, vs in (rr.vs or {}).items() %}<tr><td>{{ r }}</td><td>{{ m }}</td><td class="num">{{ fmt_p(vs.mcnemar_p) }}</td>
-<td>{% for k, v in vs.items() if k != "mcnemar_p" and v is not mapping %}{{ k }}={{ fmt(v) }} {% endfor %}</td></tr>{% endfor %}{% endfor %}
+<td class="num">{{ fmt_p(vs.mcnemar_p_sensitivity) }}</td><td class="num">{{ fmt_p(vs.mcnemar_p_specificity) }}</td>
+<td class="num">{{ fmt_ci(vs.precision_diff, vs.precision_diff_ci) }}</td><td class="num">{{ fmt_p(vs.precision_p) }}</td></tr>{% endfor %}{% endfor %}
 </tbody></table>{% endif %}
 {% endif %}{% endfor %}
 </section>

@@ -27,13 +27,6 @@ CHROMIUM = "/usr/bin/chromium"
 EVIL = '<img src=x onerror="alert(1)">&'  # no slash: it is also a center name in file names
 
 
-def _roc(y, p):
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fpr, tpr, _ = roc_curve(y, p)
-    return float(roc_auc_score(y, p)), fpr.tolist(), tpr.tolist()
-
-
 def _png_bytes() -> bytes:
     from PIL import Image
 
@@ -44,13 +37,12 @@ def _png_bytes() -> bytes:
 
 
 def make_fake_run(root: Path, leaky: bool = False) -> Path:
-    """A run folder with every file the report reads, numbers built by hand (not by nhb_core.stats)."""
+    """A run folder with every file the report reads: hand-made predictions, metrics by nhb_core.stats."""
     rng = np.random.default_rng(0)
     run = root / "fake_run"
     models = ["resnet18", "densenet121"]
     readers = ["reader_1"]
     sets = {"test": ("A", 30), f"external:{EVIL}": (EVIL, 24), "val": ("A", 20)}
-    metrics_sets = {}
     (run / "predictions").mkdir(parents=True)
     for s, (center, n) in sets.items():
         y = np.array([0, 1] * (n // 2))
@@ -66,27 +58,9 @@ def make_fake_run(root: Path, leaky: bool = False) -> Path:
         fname = s.replace(":", "_")
         subj.to_csv(run / "predictions" / f"{fname}__subjects.csv", index=False)
         slices.to_csv(run / "predictions" / f"{fname}__slices.csv", index=False)
-        levels = {}
-        for level, df in (("subject", subj), ("slice", slices)):
-            mm = {}
-            for m in models:
-                a, fpr, tpr = _roc(df["label"], df[m])
-                mm[m] = {"auc": a, "auc_ci_delong": [a - 0.1, min(a + 0.1, 1)], "auc_ci_bootstrap": [a - 0.11, min(a + 0.09, 1)],
-                         "auc_clustered": a if level == "slice" else None, "threshold": 0.5,
-                         "accuracy": {"value": 0.7, "ci": [0.6, 0.8]}, "sensitivity": {"value": 0.72, "ci": [0.5, 0.86]},
-                         "specificity": {"value": 0.68, "ci": [0.47, 0.83]}, "brier": 0.2,
-                         "calibration": {"intercept": 0.1, "slope": 0.9},
-                         "roc": {"fpr": fpr, "tpr": tpr, "band_lower": [max(t - 0.1, 0) for t in tpr],
-                                 "band_upper": [min(t + 0.1, 1) for t in tpr]}}
-            blk = {"n": int(len(df)), "n_pos": int(df["label"].sum()), "models": mm,
-                   "comparisons": [{"a": "resnet18", "b": "densenet121", "auc_diff": 0.01, "ci": [-0.1, 0.12],
-                                    "delong_z": 0.3, "delong_p": 0.76}]}
-            if level == "subject":
-                blk["readers"] = {"reader_1": {"sensitivity": {"value": 0.8, "ci": [0.6, 0.9]},
-                                               "specificity": {"value": 0.8, "ci": [0.6, 0.9]},
-                                               "vs": {m: {"mcnemar_p": 0.5, "b": 3, "c": 4} for m in models}}}
-            levels[level] = blk
-        metrics_sets[s] = {"level": levels}
+    from nhb_core import stats
+
+    metrics_sets = stats.study_metrics(run / "predictions", {m: 0.5 for m in models}, readers, seed=0, n_boot=100)
     metrics = {
         "run": {"name": f"fake {EVIL}", "created": "2026-01-01T00:00:00+00:00", "manifest": f"/data/{EVIL}/manifest.csv",
                 "config": {"models": models, "seed": 0}, "seed": 0, "versions": {"python": "3.x"},
@@ -139,17 +113,20 @@ def test_figures_are_pure_functions(fake_run):
     assert any("oracle" in (n or "") for n in names)
     assert any(t.fill == "toself" for t in fig.data)  # CI band
     pm_names, pm = F.delong_matrix(m, "test")
-    assert pm_names == ["resnet18", "densenet121"] and pm[0, 1] == pytest.approx(0.76) and np.isnan(pm[0, 0])
+    comp = m["sets"]["test"]["level"]["subject"]["comparisons"][0]
+    assert pm_names == ["resnet18", "densenet121"] and pm[0, 1] == pytest.approx(comp["delong_p"]) and np.isnan(pm[0, 0])
     pred = F.load_predictions(fake_run, "test")
     cm = F.confusion_counts(pred["label"], pred["resnet18"], 0.5)
     assert cm.sum() == len(pred)
     assert cm[1].sum() == pred["label"].sum()
+    c = m["sets"]["test"]["level"]["subject"]["models"]["resnet18"]["confusion"]
+    assert [[c["tn"], c["fp"]], [c["fn"], c["tp"]]] == cm.tolist()  # the figure's counts match metrics.json
     nb = F.net_benefit([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2], [0.5])
     assert nb[0] == pytest.approx(0.5)  # 2 TP of 4, no FP
     f, t = F.binormal_roc(0.9)
     assert np.trapezoid(t, f) == pytest.approx(0.9, abs=0.01)
-    for fig in (F.confusion_figure(pred, ["resnet18"], {"resnet18": 0.5}), F.calibration_figure(pred, ["resnet18"]),
-                F.decision_curve_figure(pred, ["resnet18"]), F.training_figure(F.load_histories(fake_run, ["resnet18"])),
+    for fig in (F.confusion_figure(m, "test"), F.calibration_figure(m, "test"), F.decision_curve_figure(m, "test"),
+                F.training_figure(F.load_histories(fake_run, ["resnet18"])),
                 F.flow_figure(m["cohort"]["flow"]), F.auc_bar_figure(m), F.delong_figure(m, "test")):
         assert len(fig.data) >= 1
     # missing data gives an explanatory empty figure, not an exception

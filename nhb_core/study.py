@@ -1,0 +1,760 @@
+"""The one-command study: validate, prepare, split, train, evaluate, stats, saliency, report.
+
+:func:`run_study` runs every stage of a study into one run folder (layout in
+``docs/study.md``)::
+
+    RUNDIR/config.yaml     the resolved config (rerun with --config RUNDIR/config.yaml)
+    RUNDIR/stages.json     per stage: fingerprint, state, seconds, output hash (the cache)
+    RUNDIR/validation.json the manifest check (problems, cohort table)
+    RUNDIR/dataset/        the prepared slice dataset (or a shared cache, see ``cache_dir``)
+    RUNDIR/split.json      the split
+    RUNDIR/models/<name>/  one trained model each (model.safetensors, model.json, history.csv, ...)
+    RUNDIR/predictions/    <set>__slices.csv / <set>__subjects.csv, one probability column per model
+    RUNDIR/metrics.json    every number of the report (shape: docs/design-shared.md)
+    RUNDIR/tables/         the same numbers as CSV (tidy metrics, cohort table, flow, DeLong, readers)
+    RUNDIR/saliency/       Grad-CAM summary and overlays
+    RUNDIR/report.html     the self-contained report
+    RUNDIR/status.json, events.jsonl, log.txt
+
+Caching: each stage's fingerprint is the hash of its config section and the
+hashes of its inputs (the outputs of the stages before it). A rerun skips a
+stage whose fingerprint is unchanged and whose recorded output hash still
+matches the files; a model whose training was interrupted (fingerprint
+unchanged, not done) resumes from its checkpoint. SIGTERM (the dashboard's
+Cancel) marks the run cancelled; an :class:`~nhb_core.errors.NHBError` marks it
+failed with the one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from nhb_core.config import dataclass_kwargs, resolve_config, save_config
+from nhb_core.errors import ConfigError, InputError, ManifestError, NHBError, RunError
+from nhb_core.fileio import atomic_write_json, read_json, sha256_file, sha256_json
+from nhb_core.progress import ProgressCallback, chain, emit
+from nhb_core.runs import append_log, event_logger, now_iso, read_status, write_status
+
+STAGES = ("validate", "prepare", "split", "train", "evaluate", "stats", "saliency", "report")
+
+#: Bump when a stage's code changes what it writes, so old caches are redone.
+STAGE_VERSION = {"validate": 1, "prepare": 1, "split": 1, "train": 1, "evaluate": 1,
+                 "stats": 1, "saliency": 1, "report": 1}
+
+
+#: The files of a prepared dataset whose hash identifies it (its ``cache/`` folder is not part of it).
+DATASET_FILES = ("prepare.json", "index.csv", "subjects.csv", "slices.npy")
+
+
+class StudyCancelled(BaseException):
+    """Raised inside the study when it receives SIGTERM (a BaseException so no
+    stage's ``except Exception`` swallows it)."""
+
+
+# ----------------------------------------------------------------------------- stage cache
+
+class StageCache:
+    """``RUNDIR/stages.json``: per stage key ``{"fingerprint", "state", "seconds", "output_sha256", ...}``."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "stages.json"
+        try:
+            self.data: dict[str, dict[str, Any]] = read_json(self.path)
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            self.data = {}
+
+    def get(self, key: str) -> dict[str, Any]:
+        return self.data.get(key) or {}
+
+    def is_fresh(self, key: str, fingerprint: str, output_sha: Callable[[], Optional[str]]) -> bool:
+        rec = self.get(key)
+        if rec.get("state") != "done" or rec.get("fingerprint") != fingerprint:
+            return False
+        try:
+            return rec.get("output_sha256") is not None and output_sha() == rec.get("output_sha256")
+        except (FileNotFoundError, OSError):
+            return False
+
+    def mark(self, key: str, **fields: Any) -> None:
+        rec = self.data.setdefault(key, {})
+        rec.update(fields)
+        rec["updated"] = now_iso()
+        atomic_write_json(self.path, self.data)
+
+    def seconds(self) -> dict[str, float]:
+        return {k: float(v.get("seconds") or 0.0) for k, v in self.data.items()}
+
+
+def _sha_or_none(path: Path) -> Optional[str]:
+    return sha256_file(path) if path.exists() else None
+
+
+def _sha_many(paths: list[Path]) -> Optional[str]:
+    parts = []
+    for p in paths:
+        if not p.exists():
+            return None
+        parts.append(sha256_file(p))
+    return sha256_json(parts)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("nhb-lab", "torch", "torchvision", "timm", "numpy", "scipy", "pandas", "scikit-learn",
+                "statsmodels", "grad-cam", "plotly", "nibabel"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def oracle_auc_for(manifest: Path) -> Optional[dict[str, float]]:
+    """The synthetic cohort's per-center oracle AUC (``cohort.json`` next to the manifest), else None."""
+    p = Path(manifest).parent / "cohort.json"
+    try:
+        data = read_json(p)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    oa = data.get("oracle_auc") if isinstance(data, dict) else None
+    if isinstance(oa, dict) and oa:
+        return {str(k): float(v) for k, v in oa.items() if v is not None}
+    return None
+
+
+# ----------------------------------------------------------------------------- signals
+
+class _SigtermGuard:
+    """Turn SIGTERM into :class:`StudyCancelled` while the study runs (main thread only)."""
+
+    def __init__(self) -> None:
+        self.prev = None
+        self.active = False
+
+    def __enter__(self) -> "_SigtermGuard":
+        if threading.current_thread() is threading.main_thread():
+            def _handler(signum, frame):  # noqa: ARG001
+                raise StudyCancelled(f"received signal {signum}")
+            self.prev = signal.signal(signal.SIGTERM, _handler)
+            self.active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.prev if self.prev is not None else signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def _file_signature(paths: list[str]) -> str:
+    """Cheap signature of the image files a manifest references (path, size, mtime)."""
+    sig = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            sig.append([p, st.st_size, st.st_mtime_ns])
+        except OSError:
+            sig.append([p, None, None])
+    return sha256_json(sig)
+
+
+def _referenced_files(manifest: Path) -> list[str]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except Exception:  # unreadable: validation will say why
+        return []
+    files: list[str] = []
+    for col in ("t1_path", "roi_path"):
+        if col in df.columns:
+            for v in df[col]:
+                if not v:
+                    continue
+                p = Path(v)
+                if not p.is_absolute():
+                    p = manifest.parent / p
+                if p.is_dir():
+                    files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file())
+                else:
+                    files.append(str(p))
+    return files
+
+
+class _Study:
+    def __init__(self, manifest: Path, run_dir: Path, cfg: dict[str, Any], progress: Optional[ProgressCallback]):
+        self.manifest = manifest
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.cache = StageCache(run_dir)
+        self.events = event_logger(run_dir)
+        self.progress = chain(self.events, progress)
+        self.current: dict[str, Any] = {"stage": None, "model": None}
+
+    # -- helpers
+    def log(self, text: str) -> None:
+        append_log(self.run_dir, text)
+
+    def status(self, stage: str, model: Optional[str] = None) -> None:
+        self.current = {"stage": stage, "model": model}
+        write_status(self.run_dir, "running", stage=stage, model=model, pid=os.getpid())
+
+    def stage(self, key: str, stage: str, fingerprint: str, outputs: Callable[[], Optional[str]],
+              fn: Callable[[], Any], model: Optional[str] = None, **info: Any) -> bool:
+        """Run ``fn`` as stage ``key`` unless cached; returns True when it ran."""
+        fp = sha256_json({"v": STAGE_VERSION[stage], "fp": fingerprint})
+        extra = {"model": model} if model else {}
+        if self.cache.is_fresh(key, fp, outputs):
+            emit(self.progress, stage, message="skipped (unchanged)", skipped=True, done=1, total=1, **extra)
+            self.log(f"{key}: unchanged, skipped")
+            return False
+        self.status(stage, model)
+        self.log(f"{key}: started")
+        emit(self.progress, stage, message="started", **extra)
+        prev = self.cache.get(key)
+        self.cache.mark(key, state="running", fingerprint=fp, started=now_iso(),
+                        resumable=prev.get("fingerprint") == fp)
+        t0 = time.monotonic()
+        fn()
+        secs = time.monotonic() - t0
+        out_sha = outputs()
+        if out_sha is None:
+            raise RunError(self.run_dir, f"stage {key} finished without writing its outputs",
+                           "Rerun with --debug and report the problem")
+        self.cache.mark(key, state="done", fingerprint=fp, seconds=round(secs, 3), output_sha256=out_sha,
+                        ended=now_iso(), **info)
+        self.log(f"{key}: done in {secs:.1f} s")
+        emit(self.progress, stage, message=f"done in {secs:.1f} s", done=1, total=1, seconds=round(secs, 3), **extra)
+        return True
+
+    # -- the stages
+    def run(self) -> Path:
+        cfg = self.cfg
+        rd = self.run_dir
+
+        # validate ---------------------------------------------------------------
+        from nhb_core.manifest import validate_manifest
+
+        vcfg = cfg["validate"]
+        validation = rd / "validation.json"
+        man_sha = sha256_file(self.manifest)
+        files_sig = _file_signature(_referenced_files(self.manifest))
+
+        def do_validate() -> None:
+            rep = validate_manifest(self.manifest, nbna_threshold=vcfg.get("nbna_threshold", 37),
+                                    check_images=bool(vcfg.get("check_images", True)),
+                                    progress=_tag(self.progress, "validate"))
+            problems = [p.line() for p in rep.problems]
+            ct = getattr(rep, "cohort_table", None)
+            atomic_write_json(validation, {
+                "manifest": str(self.manifest), "manifest_sha256": man_sha, "ok": bool(rep.ok),
+                "problems": problems,
+                "cohort_table": None if ct is None else json.loads(ct.to_json(orient="split")),
+            })
+            if not rep.ok:
+                first = rep.problems[0]
+                more = f" (and {len(rep.problems) - 1} more problems, listed in {validation})" if len(rep.problems) > 1 else ""
+                raise ManifestError(first.file, first.problem + more, first.fix, row=first.row)
+
+        def validation_ok() -> Optional[str]:
+            if not validation.exists():
+                return None
+            return sha256_file(validation) if read_json(validation).get("ok") else None
+
+        self.stage("validate", "validate", sha256_json([man_sha, files_sig, vcfg]), validation_ok, do_validate)
+
+        # prepare ----------------------------------------------------------------
+        from nhb_core.slices import PrepareConfig, prepare
+
+        pcfg = dict(cfg["prepare"])
+        workers = pcfg.pop("workers", None)
+        pkw = dataclass_kwargs(PrepareConfig, pcfg, "prepare", source=str(rd / "config.yaml"))
+        prep_fp = sha256_json([man_sha, files_sig, pkw])
+        if cfg.get("cache_dir"):
+            ds_dir = Path(cfg["cache_dir"]).expanduser().resolve() / f"dataset-{prep_fp[:16]}"
+        else:
+            ds_dir = rd / "dataset"
+        self.dataset_dir = ds_dir
+
+        def do_prepare() -> None:
+            prepare(self.manifest, ds_dir, PrepareConfig(**pkw), workers=workers,
+                    progress=_tag(self.progress, "prepare"))
+
+        ds_files = [ds_dir / n for n in DATASET_FILES]
+        self.stage("prepare", "prepare", prep_fp, lambda: _sha_many(ds_files), do_prepare, dataset_dir=str(ds_dir))
+        ds_sha = self.cache.get("prepare")["output_sha256"]
+
+        # split ------------------------------------------------------------------
+        from nhb_core.slices import load_dataset
+        from nhb_core.splits import make_split, save_split
+
+        scfg = dict(cfg["split"])
+        split_path = rd / "split.json"
+
+        def do_split() -> None:
+            ds = load_dataset(ds_dir)
+            split = make_split(ds, dev_centers=scfg.get("dev_centers"), test_size=scfg.get("test_size", 0.2),
+                               val_size=scfg.get("val_size", 0.15), seed=int(scfg["seed"]),
+                               unit=scfg.get("unit", "subject"))
+            save_split(split, split_path)
+
+        self.stage("split", "split", sha256_json([ds_sha, scfg]), lambda: _sha_or_none(split_path), do_split)
+        split_sha = self.cache.get("split")["output_sha256"]
+
+        # train ------------------------------------------------------------------
+        from nhb_core.train import TrainConfig
+
+        tcfg = dict(cfg["train"])
+        if cfg.get("device") and cfg["device"] != "auto" and "device" not in tcfg:
+            tcfg["device"] = cfg["device"]
+        if cfg.get("device") == "auto":
+            tcfg.setdefault("device", None)
+        tkw = dataclass_kwargs(TrainConfig, tcfg, "train", source=str(rd / "config.yaml"),
+                               drop=() if "device" in {f for f in TrainConfig.__dataclass_fields__} else ("device",))
+        model_shas: dict[str, str] = {}
+        for name in cfg["models"]:
+            mdir = rd / "models" / name
+            key = f"train:{name}"
+            fp = sha256_json([ds_sha, split_sha, name, tkw, int(cfg.get("n_gpus") or 1) > 1])
+
+            def model_sha(mdir: Path = mdir) -> Optional[str]:
+                st = _read_json_or_none(mdir / "status.json")
+                if st is not None and st.get("state") not in (None, "done"):
+                    return None
+                return _sha_many([mdir / "model.safetensors", mdir / "model.json"])
+
+            def do_train(name: str = name, mdir: Path = mdir, key: str = key, fp: str = fp) -> None:
+                rec = self.cache.get(key)
+                resume = bool(rec.get("resumable")) and mdir.exists()
+                if not resume and mdir.exists():
+                    shutil.rmtree(mdir)  # another config's leftovers
+                if int(cfg.get("n_gpus") or 1) > 1:
+                    self._train_torchrun(name, mdir, split_path, tcfg, resume)
+                else:
+                    from nhb_core.train import train_model
+                    train_model(ds_dir, split_path, name, mdir, TrainConfig(**tkw),
+                                progress=_tag(self.progress, "train", model=name), resume=resume)
+
+            self.stage(key, "train", fp, model_sha, do_train, model=name)
+            model_shas[name] = self.cache.get(key)["output_sha256"]
+
+        # evaluate ---------------------------------------------------------------
+        from nhb_core.evaluate import evaluate_model
+
+        ecfg = dict(cfg["evaluate"])
+        pred_dir = rd / "predictions"
+
+        def preds_sha() -> Optional[str]:
+            if not pred_dir.is_dir() or not any(pred_dir.glob("*__subjects.csv")):
+                return None
+            return sha256_file(pred_dir)
+
+        def do_evaluate() -> None:
+            if pred_dir.exists():
+                shutil.rmtree(pred_dir)
+            for name in cfg["models"]:
+                self.status("evaluate", name)
+                kw: dict[str, Any] = {"aggregate": ecfg.get("aggregate", "mean")}
+                evaluate_model(rd / "models" / name, ds_dir, split_path, pred_dir,
+                               progress=_tag(self.progress, "evaluate", model=name), **kw)
+
+        self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, ecfg]), preds_sha, do_evaluate)
+        pred_sha = self.cache.get("evaluate")["output_sha256"]
+
+        # stats ------------------------------------------------------------------
+        stcfg = dict(cfg["stats"])
+        metrics_path = rd / "metrics.json"
+
+        def do_stats() -> None:
+            self._write_metrics(metrics_path, ds_dir, split_path, pred_dir,
+                                {"manifest": man_sha, "dataset": ds_sha, "split": split_sha,
+                                 "models": model_shas, "predictions": pred_sha})
+
+        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]),
+                   lambda: _sha_many([metrics_path, rd / "tables"]), do_stats)
+        metrics_sha = self.cache.get("stats")["output_sha256"]
+
+        # saliency ---------------------------------------------------------------
+        sal_cfg = dict(cfg["saliency"])
+        sal_dir = rd / "saliency"
+        if sal_cfg.get("enabled", True):
+            def do_saliency() -> None:
+                self._saliency(sal_dir, ds_dir, split_path, sal_cfg)
+
+            self.stage("saliency", "saliency", sha256_json([ds_sha, split_sha, model_shas, pred_sha, sal_cfg]),
+                       lambda: _sha_or_none(sal_dir / "summary.json"), do_saliency)
+        sal_sha = self.cache.get("saliency").get("output_sha256")
+
+        # report -----------------------------------------------------------------
+        if cfg["report"].get("enabled", True):
+            from nhb_core import report as _report
+
+            report_path = rd / "report.html"
+
+            def do_report() -> None:
+                _report.write_report(rd)
+
+            self.stage("report", "report",
+                       sha256_json([metrics_sha, sal_sha, model_shas, _report.REPORT_VERSION]),
+                       lambda: _sha_or_none(report_path), do_report)
+        return rd
+
+    # -- stage bodies that need more room
+    def _train_torchrun(self, name: str, mdir: Path, split_path: Path, tcfg: dict[str, Any], resume: bool) -> None:
+        """Train one model under ``torchrun`` with ``n_gpus`` processes (progress via its events.jsonl)."""
+        n = int(self.cfg["n_gpus"])
+        cfg_file = self.run_dir / "models" / f".{name}.train.yaml"
+        from nhb_core.config import to_yaml
+        from nhb_core.fileio import atomic_write_text
+
+        atomic_write_text(cfg_file, to_yaml(tcfg))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "nhb_core", "train", "--dataset", str(self.dataset_dir), "--split", str(split_path),
+               "--model", name, "--out", str(mdir), "--config", str(cfg_file)]
+        if resume:
+            cmd.append("--resume")
+        self.log("torchrun: " + " ".join(cmd))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                tail = (tail + [line.rstrip()])[-20:]
+            rc = proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise
+        if rc != 0:
+            last = next((t for t in reversed(tail) if t.startswith("error:")), tail[-1] if tail else "")
+            raise RunError(mdir, f"distributed training of {name} failed (exit {rc}): {last}",
+                           f"See {self.run_dir / 'log.txt'}; rerun with n_gpus: 1 to train on one device")
+
+    def _write_metrics(self, metrics_path: Path, ds_dir: Path, split_path: Path, pred_dir: Path,
+                       hashes: dict[str, Any]) -> None:
+        import pandas as pd
+
+        from nhb_core import stats
+        from nhb_core.splits import load_split
+
+        rd = self.run_dir
+        split = load_split(split_path)
+        thresholds: dict[str, float] = {}
+        model_info: dict[str, Any] = {}
+        for name in self.cfg["models"]:
+            mj = read_json(rd / "models" / name / "model.json")
+            thresholds[name] = float(mj["threshold"])
+            model_info[name] = {k: mj.get(k) for k in ("architecture", "timm_name", "in_chans", "input_size",
+                                                       "threshold", "threshold_level", "best_epoch", "val_auc",
+                                                       "seed") if k in mj}
+        subjects = pd.read_csv(ds_dir / "subjects.csv")
+        readers = [c for c in subjects.columns if c.startswith("reader_")]
+        scfg = self.cfg["stats"]
+        emit(self.progress, "stats", message="computing AUCs, CIs and tests")
+        sets = stats.study_metrics(pred_dir, thresholds, readers, **_stats_kwargs(stats.study_metrics, scfg,
+                                                                                   self.cfg["seed"]))
+        metrics = {
+            "run": {
+                "name": self.cfg.get("name") or rd.name,
+                "created": now_iso(),
+                "manifest": str(self.manifest),
+                "dataset_dir": str(ds_dir),
+                "config": self.cfg,
+                "seed": self.cfg["seed"],
+                "versions": versions(),
+                "git_commit": _git_commit(),
+                "sha256": hashes,
+                "models": model_info,
+                "readers": readers,
+                "split_unit": split.get("unit"),
+            },
+            "leaky": bool(split.get("leaky", split.get("unit") == "slice")),
+            "n_shared_subjects": split.get("n_shared_subjects"),
+            "oracle_auc": oracle_auc_for(self.manifest),
+            "cohort": cohort_summary(ds_dir, split),
+            "sets": sets,
+        }
+        tables = rd / "tables"
+        write_tables(metrics, tables)
+        atomic_write_json(metrics_path, metrics)
+
+    def _saliency(self, sal_dir: Path, ds_dir: Path, split_path: Path, sal_cfg: dict[str, Any]) -> None:
+        from nhb_core import saliency
+
+        sal_dir.mkdir(parents=True, exist_ok=True)
+        saliency.saliency_summary(self.run_dir, models=self.cfg["models"], n_cases=int(sal_cfg.get("n_cases", 4)),
+                                  method=sal_cfg.get("method", "gradcam"), out_dir=sal_dir,
+                                  progress=_tag(self.progress, "saliency"))
+
+
+def _stats_kwargs(fn: Callable, scfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kw = {k: v for k, v in scfg.items() if k in params and v is not None}
+    bad = sorted(set(scfg) - set(params))
+    if bad and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError("config.yaml", f"unknown option(s) {', '.join(repr('stats.' + b) for b in bad)}",
+                          "Remove them from the stats section")
+    if "seed" in params and "seed" not in kw:
+        kw["seed"] = seed
+    return kw
+
+
+def _read_json_or_none(p: Path) -> Optional[dict[str, Any]]:
+    try:
+        return read_json(p)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+def _tag(progress: Optional[ProgressCallback], stage: str, **fields: Any) -> Optional[ProgressCallback]:
+    """A callback that forces ``stage`` (and e.g. ``model``) on every update it forwards."""
+    if progress is None:
+        return None
+
+    def _cb(ev: dict[str, Any]) -> None:
+        sub = ev.get("stage")
+        out = {**ev, **fields, "stage": stage}
+        if sub and sub != stage:
+            out.setdefault("substage", sub)
+        progress(out)
+
+    return _cb
+
+
+# ----------------------------------------------------------------------------- cohort tables
+
+def cohort_summary(ds_dir: Path, split: Mapping[str, Any]) -> dict[str, Any]:
+    """Table 1 and the flow counts, from the prepared dataset and the split.
+
+    Returns ``{"table1": [rows], "flow": {...}}``; a row of table 1 is
+    ``{"center", "group" ("NHB injury"/"control" by label), "n", <covariate>: "mean ± SD" | "k (p%)"}``;
+    ``flow`` holds the number of subjects and slices in the dataset and per set.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from nhb_core.splits import set_rows
+
+    subjects = pd.read_csv(ds_dir / "subjects.csv")
+    index = pd.read_csv(ds_dir / "index.csv")
+    skip = {"subject_id", "center", "label", "t1_path", "roi_path", "row"}
+    rows = []
+    covs = [c for c in subjects.columns if c not in skip and not c.startswith("reader_")
+            and not c.endswith("_path") and not c.endswith("sha256")]
+    groups = [("all", subjects)] + [(c, g) for c, g in subjects.groupby("center", sort=True)]
+    for center, g in groups:
+        for lab, gg in [("all", g)] + [(int(k), v) for k, v in g.groupby("label", sort=True)]:
+            row: dict[str, Any] = {"center": str(center),
+                                   "group": {"all": "all", 1: "injury (label 1)", 0: "no injury (label 0)"}.get(lab, str(lab)),
+                                   "n": int(len(gg)),
+                                   "slices": int(index["subject_id"].astype(str).isin(gg["subject_id"].astype(str)).sum())}
+            for c in covs:
+                col = gg[c]
+                if pd.api.types.is_numeric_dtype(col) and col.nunique(dropna=True) > 2:
+                    v = col.dropna().astype(float)
+                    row[c] = f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else (f"{v.mean():.1f}" if len(v) else "")
+                elif col.nunique(dropna=True) <= 6:
+                    vc = col.dropna().astype(str).value_counts()
+                    row[c] = "; ".join(f"{k}: {n} ({100 * n / max(len(gg), 1):.0f}%)" for k, n in vc.items())
+            rows.append(row)
+    flow: dict[str, Any] = {"dataset": {"subjects": int(subjects["subject_id"].nunique()), "slices": int(len(index)),
+                                        "centers": sorted(map(str, subjects["center"].unique()))},
+                            "sets": {}}
+    for set_name in split.get("sets", {}):
+        r = np.asarray(set_rows(split, index, set_name))
+        sub = index.iloc[r] if len(r) else index.iloc[[]]
+        subj = sub.drop_duplicates("subject_id")
+        flow["sets"][set_name] = {"subjects": int(subj.shape[0]), "slices": int(len(sub)),
+                                  "positives": int(subj["label"].sum()) if len(subj) else 0,
+                                  "centers": sorted(map(str, sub["center"].unique()))}
+    flow["n_shared_subjects"] = split.get("n_shared_subjects")
+    return {"table1": rows, "flow": flow}
+
+
+def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
+    """Write every number of ``metrics`` as CSV files under ``tables`` (atomic)."""
+    import pandas as pd
+
+    from nhb_core import stats
+    from nhb_core.fileio import atomic_path
+
+    tables.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+
+    def _csv(df: "pd.DataFrame", name: str) -> None:
+        with atomic_path(tables / name) as tmp:
+            df.to_csv(tmp, index=False)
+        out.append(tables / name)
+
+    _csv(stats.tidy_table(metrics), "metrics.csv")
+    _csv(pd.DataFrame(metrics["cohort"]["table1"]), "cohort.csv")
+    flow = metrics["cohort"]["flow"]
+    _csv(pd.DataFrame([{"set": k, **{kk: (", ".join(vv) if isinstance(vv, list) else vv) for kk, vv in v.items()}}
+                       for k, v in [("dataset", flow["dataset"])] + list(flow["sets"].items())]), "flow.csv")
+    comp_rows, reader_rows = [], []
+    for set_name, s in metrics["sets"].items():
+        for level, blk in (s.get("level") or {}).items():
+            for c in blk.get("comparisons") or []:
+                comp_rows.append({"set": set_name, "level": level, **{k: v for k, v in c.items() if not isinstance(v, (list, dict))},
+                                  "ci_lower": (c.get("ci") or [None, None])[0], "ci_upper": (c.get("ci") or [None, None])[1]})
+            for rname, r in (blk.get("readers") or {}).items():
+                base = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+                for mname, vs in (r.get("vs") or {}).items():
+                    reader_rows.append({"set": set_name, "level": level, "reader": rname, "model": mname,
+                                        **{f"reader_{k}": v for k, v in base.items()},
+                                        **{k: v for k, v in vs.items() if not isinstance(v, (dict, list))}})
+    _csv(pd.DataFrame(comp_rows), "delong.csv")
+    _csv(pd.DataFrame(reader_rows), "readers.csv")
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
+              config: Optional[Mapping[str, Any] | str | os.PathLike] = None,
+              progress: Optional[ProgressCallback] = None,
+              overrides: Optional[Mapping[str, Any]] = None) -> Path:
+    """Run (or resume) a whole study into ``out_dir``.
+
+    Parameters
+    ----------
+    manifest : path or None
+        The cohort manifest CSV (``docs/manifest.md``); None to take ``manifest`` from the config
+        (e.g. a run's own ``config.yaml``).
+    out_dir : path
+        The run folder (created). An existing run folder is resumed: unchanged stages are skipped.
+    config : dict, YAML path or None
+        Partial study config merged over :data:`nhb_core.config.DEFAULTS`.
+    progress : callable or None
+        Called with every progress update (``nhb_core.progress``); updates also go to ``events.jsonl``.
+    overrides : dict or None
+        CLI-style overrides (see :func:`nhb_core.config.resolve_config`).
+
+    Returns
+    -------
+    Path
+        ``out_dir``; ``status.json`` says ``done``.
+
+    Raises
+    ------
+    NHBError
+        Bad input (status ``failed`` with the one-line error).
+    StudyCancelled
+        SIGTERM received (status ``cancelled``).
+    """
+    run_dir = Path(out_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = read_status(run_dir)
+    try:
+        cfg = resolve_config(config, overrides)
+        if manifest is None:
+            manifest = cfg.get("manifest")
+        if manifest is None:
+            raise ConfigError("command line", "no manifest given", "Pass --manifest M.csv (or a config with manifest:)")
+        man = Path(manifest).expanduser().resolve()
+        if not man.is_file():
+            raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
+        cfg["manifest"] = str(man)
+    except NHBError as err:
+        write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
+        append_log(run_dir, f"failed: {err.line()}")
+        raise
+    if status and status.get("state") == "running" and status.get("pid") not in (None, os.getpid()):
+        pid = status.get("pid")
+        if _pid_alive(pid):
+            raise RunError(run_dir, f"the run is already running (process {pid})",
+                           "Wait for it to finish or cancel it first")
+    save_config(cfg, run_dir / "config.yaml")
+    write_status(run_dir, "running", stage="validate", pid=os.getpid(), error=None)
+    append_log(run_dir, f"study started (pid {os.getpid()}), manifest {man}")
+    study = _Study(man, run_dir, cfg, progress)
+    t0 = time.monotonic()
+    with _SigtermGuard():
+        try:
+            study.run()
+        except StudyCancelled:
+            write_status(run_dir, "cancelled", stage=study.current["stage"], error="cancelled by the user")
+            append_log(run_dir, "cancelled")
+            emit(study.events, study.current["stage"] or "study", message="cancelled", state="cancelled")
+            raise
+        except KeyboardInterrupt:
+            write_status(run_dir, "cancelled", stage=study.current["stage"], error="interrupted")
+            append_log(run_dir, "interrupted")
+            emit(study.events, study.current["stage"] or "study", message="interrupted", state="cancelled")
+            raise
+        except NHBError as err:
+            write_status(run_dir, "failed", stage=study.current["stage"], model=study.current["model"],
+                         error=err.line())
+            append_log(run_dir, f"failed: {err.line()}")
+            emit(study.events, study.current["stage"] or "study", message=f"failed: {err.line()}",
+                 state="failed", error=err.line())
+            raise
+        except Exception as err:
+            line = " ".join(f"internal error: {type(err).__name__}: {err}".split())
+            write_status(run_dir, "failed", stage=study.current["stage"], model=study.current["model"], error=line)
+            append_log(run_dir, f"failed: {line}")
+            emit(study.events, study.current["stage"] or "study", message=f"failed: {line}", state="failed",
+                 error=line)
+            raise
+    secs = time.monotonic() - t0
+    write_status(run_dir, "done", stage="report", model=None, seconds=round(secs, 1))
+    append_log(run_dir, f"study done in {secs:.1f} s")
+    emit(study.events, "study", message="done", state="done", seconds=round(secs, 1))
+    return run_dir
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def stage_seconds(run_dir: str | os.PathLike) -> dict[str, float]:
+    """Seconds each stage took when it last ran (from ``stages.json``)."""
+    return StageCache(Path(run_dir)).seconds()
+
+
+def auc_table(run_dir: str | os.PathLike, level: str = "subject") -> list[dict[str, Any]]:
+    """Rows ``{"model", "set", "auc", "ci": [lo, hi], "n"}`` from a run's metrics.json (the demo's table)."""
+    m = read_json(Path(run_dir) / "metrics.json")
+    rows = []
+    for set_name, s in m["sets"].items():
+        blk = (s.get("level") or {}).get(level)
+        if not blk:
+            continue
+        for model, mm in (blk.get("models") or {}).items():
+            rows.append({"model": model, "set": set_name, "auc": mm.get("auc"),
+                         "ci": mm.get("auc_ci_delong") or mm.get("auc_ci_bootstrap"), "n": blk.get("n")})
+    return rows
