@@ -568,3 +568,79 @@ def montage_picks(df: pd.DataFrame, n_per_group: int = 4, seed: int = 0) -> dict
         pick = rng.choice(len(ids), size=min(n_per_group, len(ids)), replace=False)
         out[(str(c), int(lab))] = [ids[i] for i in sorted(pick)]
     return out
+
+
+# ----------------------------------------------------------------- uploads
+_MAX_ZIP_FILES = 5000
+_MAX_ZIP_BYTES = 4 << 30
+
+
+def save_upload(data: bytes, shown_name: str, folder: str | os.PathLike, role: str, allow_zip: bool = True) -> Path:
+    """Write an uploaded file into ``folder`` under a fixed name chosen from its
+    *content* (the uploaded name is never used as a path) and return that path.
+
+    gzip -> ``<role>.nii.gz``; NIfTI-1/2 header -> ``<role>.nii``; zip (when
+    ``allow_zip``) -> the members extracted flat into ``<role>_dicom/00001.dcm``...
+    (directories, links and absolute/parent paths inside the zip are ignored;
+    size and member count are limited). Anything else raises ``ImageError`` naming
+    the upload as the user called it.
+    """
+    from nhb_core.errors import ImageError
+
+    folder = Path(folder)
+    label = f"uploaded {role.upper() if role in ('t1', 'roi') else role} file {shown_name!r}"
+    if not data:
+        raise ImageError(label, "the file is empty", "Upload the image again")
+    if data[:2] == b"\x1f\x8b":
+        p = folder / f"{role}.nii.gz"
+        p.write_bytes(data)
+        return p
+    if len(data) >= 348 and int.from_bytes(data[:4], "little") in (348, 540) or (
+            len(data) >= 348 and int.from_bytes(data[:4], "big") in (348, 540)):
+        p = folder / f"{role}.nii"
+        p.write_bytes(data)
+        return p
+    if data[:4] == b"PK\x03\x04":
+        if not allow_zip:
+            raise ImageError(label, "a zip archive is not accepted here", "Upload the ROI mask as a NIfTI file")
+        import io
+        import zipfile
+
+        out = folder / f"{role}_dicom"
+        out.mkdir()
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+            members = [i for i in zf.infolist() if not i.is_dir() and not i.filename.endswith("/")]
+            members = [i for i in members if not Path(i.filename).name.startswith(".")
+                       and "__MACOSX" not in i.filename]
+            if not members:
+                raise ImageError(label, "the zip archive holds no files", "Zip the folder of one DICOM series")
+            if len(members) > _MAX_ZIP_FILES or sum(i.file_size for i in members) > _MAX_ZIP_BYTES:
+                raise ImageError(label, f"the zip archive is too large ({len(members)} files)",
+                                 f"Zip one DICOM series (at most {_MAX_ZIP_FILES} files)")
+            for k, info in enumerate(sorted(members, key=lambda i: i.filename), start=1):
+                with zf.open(info) as src:
+                    (out / f"{k:05d}.dcm").write_bytes(src.read())
+        except zipfile.BadZipFile:
+            raise ImageError(label, "the zip archive is corrupt", "Zip the DICOM series again") from None
+        return out
+    raise ImageError(label, "not a NIfTI file (.nii/.nii.gz)" + (" or a zip of a DICOM series" if allow_zip else ""),
+                     "Upload a NIfTI volume" + (" or a .zip of one DICOM series" if allow_zip else ""))
+
+
+def upload_error(err, tmp: str | os.PathLike, shown: dict[str, str]):
+    """The same error with temporary paths replaced by the uploads' names (as text)."""
+    from nhb_core.errors import NHBError
+
+    tmp = str(Path(tmp))
+
+    def fix(s: Optional[str]) -> Optional[str]:
+        if s is None:
+            return None
+        for role, name in shown.items():
+            for cand in (f"{tmp}/{role}_dicom", f"{tmp}/{role}.nii.gz", f"{tmp}/{role}.nii"):
+                s = s.replace(cand, f"uploaded {role.upper()} {name!r}")
+        return s.replace(tmp + "/out", "output").replace(tmp, "upload folder")
+
+    return type(err)(fix(err.file), fix(err.problem) or "", fix(err.fix) or "", row=err.row) \
+        if isinstance(err, NHBError) else err
