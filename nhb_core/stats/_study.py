@@ -390,8 +390,10 @@ def tidy_table(metrics: Mapping):
             row["cal_slope"] = _g(mm, "calibration", "slope")
             rows.append(row)
     df = pd.DataFrame(rows)
-    return df.astype({c: float for c in df.columns if c not in ("set", "center", "level", "model", "ci_method")
-                      and df[c].dtype == object}, errors="ignore") if len(df) else df
+    if len(df):
+        num = [c for c in df.columns if c not in ("set", "center", "level", "model", "ci_method")]
+        df[num] = df[num].apply(pd.to_numeric, errors="coerce")
+    return df
 
 
 def roc_table(metrics: Mapping):
