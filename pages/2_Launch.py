@@ -50,19 +50,19 @@ with ui.guard():
 
     with st.form("launch_form"):
         c1, c2 = st.columns(2)
-        name = c1.text_input("Run name", value="study", help="Letters, digits, _ and - (other characters become -).")
-        models = c2.multiselect("Models", PAPER_MODELS, default=PAPER_MODELS)
+        name = c1.text_input("Run name", value="study", key="launch_name", help="Letters, digits, _ and - (other characters become -).")
+        models = c2.multiselect("Models", PAPER_MODELS, default=PAPER_MODELS, key="launch_models")
         c1, c2, c3 = st.columns(3)
-        epochs = c1.number_input("Epochs", min_value=1, max_value=500, value=8, step=1)
-        batch = c2.number_input("Batch size", min_value=1, max_value=1024, value=32, step=1)
-        size = c3.number_input("Input size (px)", min_value=16, max_value=512, value=64, step=16)
-        external = st.multiselect("External centers (held out of training, tested separately)", centers,
+        epochs = c1.number_input("Epochs", min_value=1, max_value=500, value=8, step=1, key="launch_epochs")
+        batch = c2.number_input("Batch size", min_value=1, max_value=1024, value=32, step=1, key="launch_batch")
+        size = c3.number_input("Input size (px)", min_value=16, max_value=512, value=64, step=16, key="launch_size")
+        external = st.multiselect("External centers (held out of training, tested separately)", centers, key="launch_external",
                                   help="Empty: the study's default (every center but the first is external).")
         c1, c2, c3 = st.columns(3)
-        seed = c1.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1)
-        device = c2.selectbox("Device", ["auto", "cpu", "cuda"])
-        n_gpus = c3.number_input("GPUs (>1 trains under torchrun)", min_value=1, max_value=16, value=1, step=1)
-        submitted = st.form_submit_button("Start study", type="primary")
+        seed = c1.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="launch_seed")
+        device = c2.selectbox("Device", ["auto", "cpu", "cuda"], key="launch_device")
+        n_gpus = c3.number_input("GPUs (>1 trains under torchrun)", min_value=1, max_value=16, value=1, step=1, key="launch_gpus")
+        submitted = st.form_submit_button("Start study", type="primary", key="launch_submit")
 
     if submitted:
         if not models:
