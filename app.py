@@ -19,77 +19,62 @@ from nhb_core import dashboard_data as dd  # noqa: E402
 from nhb_core import jobs  # noqa: E402
 
 
-def home() -> None:
-    """The home page: runs table, cohort of the default study, what each page does."""
-    runs = ui.page("Home")
-    st.title("NHB Lab")
-    st.caption("T1-weighted MRI deep learning for brain injury in neonatal hyperbilirubinemia: "
-               "subject-level splits, per-site evaluation, clustered statistics.")
+runs = ui.page("Home")
+st.title("NHB Lab")
+st.caption("T1-weighted MRI deep learning for brain injury in neonatal hyperbilirubinemia: "
+           "subject-level splits, per-site evaluation, clustered statistics.")
 
-    with ui.guard():
-        # Streamlit has no background thread: each page load notices finished or dead
-        # jobs and starts queued ones (see nhb_core.jobs).
-        jobs.refresh(runs, ui.max_running())
+with ui.guard():
+    # Streamlit has no background thread: each page load notices finished or dead
+    # jobs and starts queued ones (see nhb_core.jobs).
+    jobs.refresh(runs, ui.max_running())
 
-    st.subheader("Runs")
-    with ui.guard():
-        st.caption("Runs folder (NHB_RUNS_DIR):")
-        st.code(str(runs), language=None)
-        table = ui.runs_table(runs)
-        if table.empty:
-            st.info("No runs yet. Start a study on the **Launch** page, or run `make demo`.")
-        else:
-            cfg = {c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns if c.startswith("AUC ")}
-            cfg["status"] = st.column_config.TextColumn("status", help="queued / running / done / failed / cancelled")
-            cfg["leakage"] = st.column_config.TextColumn("leakage", help="LEAKY: slices of one subject in both train and test")
-            ui.show_table(table, column_config=cfg)
-            n_leaky = int(table["leakage"].astype(str).str.startswith("LEAKY").sum())
-            if n_leaky:
-                st.warning(f"{n_leaky} run(s) used a slice-level split: slices of one neonate sit in both training and "
-                           "test sets, so their AUCs are optimistic (leakage). Compare them with a subject-level run "
-                           "on the Results page.", icon=":material/warning:")
-            failed = table[table["status"] == "failed"]
-            for _, r in failed.head(5).iterrows():
-                ui.error_box(f"{r['name']}: {r['error']}" if r["error"] else f"{r['name']}: failed")
+st.subheader("Runs")
+with ui.guard():
+    st.caption("Runs folder (NHB_RUNS_DIR):")
+    st.code(str(runs), language=None)
+    table = ui.runs_table(runs)
+    if table.empty:
+        st.info("No runs yet. Start a study on the **Launch** page, or run `make demo`.")
+    else:
+        cfg = {c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns if c.startswith("AUC ")}
+        cfg["status"] = st.column_config.TextColumn("status", help="queued / running / done / failed / cancelled")
+        cfg["leakage"] = st.column_config.TextColumn("leakage", help="LEAKY: slices of one subject in both train and test")
+        ui.show_table(table, column_config=cfg)
+        n_leaky = int(table["leakage"].astype(str).str.startswith("LEAKY").sum())
+        if n_leaky:
+            st.warning(f"{n_leaky} run(s) used a slice-level split: slices of one neonate sit in both training and "
+                       "test sets, so their AUCs are optimistic (leakage). Compare them with a subject-level run "
+                       "on the Results page.", icon=":material/warning:")
+        failed = table[table["status"] == "failed"]
+        for _, r in failed.head(5).iterrows():
+            ui.error_box(f"{r['name']}: {r['error']}" if r["error"] else f"{r['name']}: failed")
 
-    st.subheader("Cohort of the default study")
-    with ui.guard():
-        finished = dd.finished_runs(runs)
-        default = next((r for r in finished if r.name == "demo"), finished[0] if finished else None)
-        if default is None:
-            st.info("The cohort summary appears once a study has finished.")
-        else:
-            m = ui.metrics(default) or {}
-            st.caption(f"Run: {ui.md_escape(default.name)}")
-            cohort = m.get("cohort") or {}
-            flow = cohort.get("flow") or {}
-            ds = flow.get("dataset") or {}
-            c1, c2, c3 = st.columns(3)
-            c1.metric("subjects", ds.get("subjects", "?"))
-            c2.metric("slices", ds.get("slices", "?"))
-            c3.metric("centers", len(ds.get("centers") or []))
-            if cohort.get("table1"):
-                ui.show_table(pd.DataFrame(cohort["table1"]))
-            if flow.get("sets"):
-                ui.show_table(pd.DataFrame([{"set": dd.set_label(k), **{kk: (", ".join(vv) if isinstance(vv, list) else vv)
-                                                                        for kk, vv in v.items()}}
-                                            for k, v in flow["sets"].items()]))
-            if m.get("oracle_auc"):
-                st.caption("Synthetic cohort: oracle (best achievable) AUC per center: "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items()))
+st.subheader("Cohort of the default study")
+with ui.guard():
+    finished = dd.finished_runs(runs)
+    default = next((r for r in finished if r.name == "demo"), finished[0] if finished else None)
+    if default is None:
+        st.info("The cohort summary appears once a study has finished.")
+    else:
+        m = ui.metrics(default) or {}
+        st.caption(f"Run: {ui.md_escape(default.name)}")
+        cohort = m.get("cohort") or {}
+        flow = cohort.get("flow") or {}
+        ds = flow.get("dataset") or {}
+        c1, c2, c3 = st.columns(3)
+        c1.metric("subjects", ds.get("subjects", "?"))
+        c2.metric("slices", ds.get("slices", "?"))
+        c3.metric("centers", len(ds.get("centers") or []))
+        if cohort.get("table1"):
+            ui.show_table(pd.DataFrame(cohort["table1"]))
+        if flow.get("sets"):
+            ui.show_table(pd.DataFrame([{"set": dd.set_label(k), **{kk: (", ".join(vv) if isinstance(vv, list) else vv)
+                                                                    for kk, vv in v.items()}}
+                                        for k, v in flow["sets"].items()]))
+        if m.get("oracle_auc"):
+            st.caption("Synthetic cohort: oracle (best achievable) AUC per center: "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items()))
 
-    st.subheader("Pages")
-    ui.show_table(pd.DataFrame(dd.PAGES_HELP, columns=["page", "what it does"]))
-
-
-_HERE = Path(__file__).resolve().parent
-_PAGE_FILES = [
-    ("pages/1_Cohort.py", "Cohort", ":material/groups:"),
-    ("pages/2_Launch.py", "Launch", ":material/rocket_launch:"),
-    ("pages/3_Results.py", "Results", ":material/monitoring:"),
-    ("pages/4_Saliency.py", "Saliency", ":material/visibility:"),
-    ("pages/5_Predict.py", "Predict", ":material/upload_file:"),
-]
-PAGES = [st.Page(home, title="Home", icon=":material/home:", default=True)] + [
-    st.Page(f, title=t, icon=i) for f, t, i in _PAGE_FILES if (_HERE / f).exists()]
-st.navigation(PAGES).run()
+st.subheader("Pages")
+ui.show_table(pd.DataFrame(dd.PAGES_HELP, columns=["page", "what it does"]))
