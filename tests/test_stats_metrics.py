@@ -296,3 +296,17 @@ def test_aggregate_subjects():
     first = slices[slices.subject_id == agg.subject_id[0]]
     assert agg.m1[0] == pytest.approx(first.m1.mean())
     assert stats.aggregate_subjects(slices, ["m1"], how="max").m1[0] == pytest.approx(first.m1.max())
+
+
+def test_study_metrics_per_center_rows(tmp_path):
+    pred = tmp_path / "predictions"
+    pred.mkdir()
+    parts = [_cohort(n_subj=16, slices=2, seed=s, center=c) for s, c in ((11, "A"), (12, "E"))]
+    pd.concat([p[0] for p in parts]).to_csv(pred / "test__subjects.csv", index=False)
+    pd.concat([p[1] for p in parts]).to_csv(pred / "test__slices.csv", index=False)
+    sets = stats.study_metrics(pred, {"m1": 0.5}, n_boot=50)
+    assert list(sets) == ["test"]  # one held-out set: nothing to pool
+    assert set(sets["test"]["centers"]) == {"A", "E"}
+    assert sets["test"]["centers"]["A"]["level"]["subject"]["n"] == 16
+    tidy = stats.tidy_table(sets)
+    assert set(tidy["center"]) == {"all", "A", "E"} and set(tidy["model"]) == {"m1"}
