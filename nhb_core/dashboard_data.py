@@ -272,6 +272,7 @@ def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> 
     events = read_events(run_dir)
     latest: dict[tuple[str, str], dict] = {}
     first_seen: dict[tuple[str, str], int] = {}
+    first_t: dict[tuple[str, str], Any] = {}
     for i, ev in enumerate(events):
         key = _split_stage(ev)
         if not key[0]:
@@ -280,6 +281,7 @@ def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> 
         merged = {**prev, **{k: v for k, v in ev.items() if v is not None}}
         latest[key] = merged
         first_seen.setdefault(key, i)
+        first_t.setdefault(key, ev.get("t"))
     status = status if status is not None else (read_status(run_dir) or {})
     state = status.get("state")
     order = sorted(latest, key=lambda k: first_seen[k])
@@ -299,17 +301,41 @@ def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> 
             parts.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
         if ev.get("message"):
             parts.append(str(ev["message"])[:120])
+        eta = ev.get("eta_s")
+        t0, t1 = _parse_t(first_t.get(key)), _parse_t(ev.get("t"))
+        secs = (t1 - t0) if (t0 is not None and t1 is not None) else None
+        if eta is None and frac is not None and 0.0 < frac < 1.0 and secs:
+            eta = secs * (1.0 - frac) / frac
         rows.append({"stage": key[0], "model": key[1], "fraction": frac, "text": " ".join(parts),
-                     "eta_s": ev.get("eta_s"), "t": ev.get("t")})
+                     "eta_s": eta, "t": ev.get("t"), "seconds": secs})
     return rows
 
 
-def overall_eta(rows: list[dict], status: Optional[dict] = None) -> Optional[float]:
-    """A rough ETA (s) of the whole run: the largest ETA among unfinished rows."""
+def _parse_t(t: Any) -> Optional[float]:
+    if not t:
+        return None
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(str(t)).timestamp()
+    except ValueError:
+        return None
+
+
+def overall_eta(rows: list[dict], status: Optional[dict] = None, models: Optional[list[str]] = None) -> Optional[float]:
+    """A rough ETA (s) of the whole run: the running rows' ETA plus, for models not
+    yet trained, the mean training time of those already trained."""
     if status and status.get("state") in ("done", "failed", "cancelled"):
         return 0.0
     etas = [float(r["eta_s"]) for r in rows if r.get("eta_s") is not None and (r.get("fraction") or 0) < 1.0]
-    return max(etas) if etas else None
+    eta = max(etas) if etas else None
+    trained = [r for r in rows if r["stage"] == "train" and (r.get("fraction") or 0) >= 1.0 and r.get("seconds")]
+    seen = {r["model"] for r in rows if r["stage"] == "train"}
+    todo = [m for m in (models or []) if m not in seen]
+    if trained and todo:
+        per = sum(r["seconds"] for r in trained) / len(trained)
+        eta = (eta or 0.0) + per * len(todo)
+    return eta
 
 
 def fmt_seconds(s: Optional[float]) -> str:
