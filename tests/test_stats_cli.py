@@ -62,6 +62,12 @@ def test_json_schema_all_options(tmp_path, capsys):
         assert rd["mcnemar_p"] == rd["vs"]["a"]["mcnemar_p"]
     assert res["reader_agreement"]["pairs"][0]["a"] == "r1"
     assert res["n_clusters"] == df["subj"].nunique()
+    sl = res["subject_level"]
+    assert sl["n"] == df["subj"].nunique() and sl["aggregate"] == "mean"
+    subj = df.groupby("subj").agg(y=("y", "max"), a=("a", "mean"))
+    from nhb_core import stats
+
+    assert sl["scores"]["a"]["auc"] == pytest.approx(stats.auc(subj["y"], subj["a"]))
 
 
 def test_seed_reproducible_and_changes_bootstrap(tmp_path, capsys):

@@ -48,6 +48,8 @@ def stats_command(
     n_boot: int = typer.Option(2000, "--n-boot", min=1, help="Bootstrap replicates."),
     seed: int = typer.Option(0, "--seed", help="Seed of every bootstrap draw."),
     level: float = typer.Option(0.95, "--level", help="Confidence level."),
+    aggregate: str = typer.Option("mean", "--aggregate", help="With --cluster: how slice scores make a "
+                                  "subject score for the subject-level AUC (mean, median, max)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (docs/stats.md)."),
 ) -> None:
     """Statistics of one predictions CSV: AUC with DeLong and bootstrap CIs, paired DeLong between
@@ -59,11 +61,13 @@ def stats_command(
 
     if not 0 < level < 1:
         raise StatsInputError("--level", f"confidence level {level} is not between 0 and 1", "Use e.g. 0.95")
+    if aggregate not in ("mean", "median", "max"):
+        raise StatsInputError("--aggregate", f"unknown aggregation '{aggregate}'", "Use mean, median or max")
     if threshold is not None and threshold != threshold:
         raise StatsInputError("--threshold", "threshold is not a number", "Give a number such as 0.5")
     df = stats.load_predictions(predictions, truth, score, cluster, reader)
     res = stats.analyze_predictions(df, truth, score, cluster, reader, threshold, n_boot=n_boot, seed=seed,
-                                    level=level, source=str(predictions))
+                                    level=level, source=str(predictions), aggregate=aggregate)
     res = {"file": str(predictions), "truth": truth, **res}
     if as_json:
         typer.echo(to_json(res, indent=None))
@@ -92,6 +96,16 @@ def _print_tables(res: dict) -> None:
             row += [_ci(e.get("auc_clustered_ci")), _ci(e.get("auc_ci_cluster_bootstrap"))]
         t.add_row(*row)
     con.print(t)
+    sl = res.get("subject_level")
+    if sl and sl.get("scores"):
+        t = Table(title=f"Subject level ({sl['aggregate']} of slice scores; n = {sl['n']}, {sl['n_pos']} positive)")
+        for c in ("score", "AUC", "DeLong CI", "bootstrap CI"):
+            t.add_column(c)
+        for s, e in sl["scores"].items():
+            t.add_row(s, _fmt(e["auc"]), _ci(e["auc_ci_delong"]), _ci(e["auc_ci_bootstrap"]))
+        con.print(t)
+    elif sl:
+        con.print(f"Subject level: {sl.get('note')}")
     if res["comparisons"]:
         t = Table(title="Paired DeLong comparisons (a - b)")
         for c in ("a", "b", "AUC diff", f"{lv}% CI", "z", "p"):

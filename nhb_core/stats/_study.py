@@ -487,10 +487,36 @@ def load_predictions(path: str | os.PathLike, truth: str, scores: Sequence[str],
     return out
 
 
+def _subject_level(df, y, S, cluster, truth, how, n_boot, seed, level) -> dict:
+    """Subject-level AUCs from slice rows: scores aggregated per cluster (``how``), truth = the
+    cluster's maximum slice label. Null scores and a note when a class is missing at that level."""
+    import pandas as pd
+
+    names = list(S)
+    tab = pd.DataFrame({"__cluster": df[cluster].to_numpy(), "__truth": y.astype(int),
+                        **{f"__s{k}": S[s] for k, s in enumerate(names)}})
+    agg = aggregate_subjects(tab, [f"__s{k}" for k in range(len(names))], by="__cluster", truth="__truth", how=how)
+    mixed = int((tab.groupby("__cluster")["__truth"].nunique() > 1).sum())
+    ys = agg["__truth"].to_numpy()
+    out: dict[str, Any] = {"aggregate": how, "truth": "maximum slice label of the subject", "n": int(ys.size),
+                           "n_pos": int(ys.sum()), "mixed_label_clusters": mixed, "scores": {}}
+    if ys.sum() in (0, ys.size):
+        out["scores"] = None
+        out["note"] = "only one class at subject level: no subject-level AUC"
+        return out
+    sub = {s: agg[f"__s{k}"].to_numpy() for k, s in enumerate(names)}
+    boot = R.bootstrap_aucs(ys, sub, n_boot=n_boot, seed=seed)
+    for k, s in enumerate(names):
+        a = R.auc(ys, sub[s])
+        out["scores"][s] = {"auc": a, "auc_ci_delong": list(R.auc_ci_delong(ys, sub[s], level)),
+                            "auc_ci_bootstrap": list(R._percentile_ci(boot["aucs"][k], level))}
+    return out
+
+
 def analyze_predictions(df, truth: str, scores: Sequence[str], cluster: str | None = None,
                         readers: Sequence[str] = (), threshold: float | None = None, n_boot: int = 2000,
                         seed: int = 0, level: float = 0.95, source: str = "predictions",
-                        progress: ProgressCallback | None = None) -> dict:
+                        aggregate: str = "mean", progress: ProgressCallback | None = None) -> dict:
     """The statistics ``python -m nhb_core stats --json`` prints (schema in docs/stats.md).
 
     Returns
@@ -551,6 +577,8 @@ def analyze_predictions(df, truth: str, scores: Sequence[str], cluster: str | No
                 rc = R._paired_from(aucs_c[i], aucs_c[j], cov_c[i, i], cov_c[j, j], cov_c[i, j], zc)
                 comp.update({"clustered_z": rc["z"], "clustered_p": rc["p_value"], "clustered_ci": rc["ci"]})
             out["comparisons"].append(comp)
+    if cluster:
+        out["subject_level"] = _subject_level(df, y, S, cluster, truth, aggregate, n_boot, seed, level)
     reads = {r: B.check_reader(df[r].to_numpy(), n, source=source, column=r) for r in readers}
     for r, v in reads.items():
         rb = v == 1
