@@ -125,20 +125,10 @@ def runs_table(runs: Path) -> pd.DataFrame:
     return _runs_table(str(runs), keys)
 
 
-def run_picker(runs: Path, label: str, key: str, finished_only: bool = True,
-               container=None) -> Optional[Path]:
-    """A selectbox of runs (finished ones by default); None when there is none."""
-    from nhb_core.runs import list_runs
-
-    c = container or st
-    options = dd.finished_runs(runs) if finished_only else list_runs(runs)
-    if not options:
-        return None
-    names = [p.name for p in options]
+def run_index(names: list[str]) -> int:
+    """Default position in a run list: the ``?run=NAME`` query parameter when it names one, else 0."""
     qp = st.query_params.get("run")
-    idx = names.index(qp) if qp in names else 0
-    name = c.selectbox(label, names, index=idx, key=key)
-    return runs / name
+    return names.index(qp) if qp in names else 0
 
 
 def show_table(df: pd.DataFrame, **kw: Any) -> None:

@@ -146,7 +146,7 @@ with ui.guard():
     level = c3.radio("Level", ["subject", "slice"], horizontal=True, key="res_level",
                      help="subject: one probability per neonate (mean of its slices); slice: every slice counted "
                           "(clustered statistics account for slices of one neonate).")
-    a = c1.selectbox("Run", names, key="res_run_a")
+    a = c1.selectbox("Run", names, index=ui.run_index(names), key="res_run_a")
     b = None
     if compare:
         others = [n for n in names if n != a] or names

@@ -66,7 +66,8 @@ with ui.guard():
         st.info("No finished run yet. Start one on the Launch page (or `make demo`).")
         st.stop()
     c1, c2, c3, c4 = st.columns(4)
-    run = runs / c1.selectbox("Run", [r.name for r in finished], key="sal_run")
+    names = [r.name for r in finished]
+    run = runs / c1.selectbox("Run", names, index=ui.run_index(names), key="sal_run")
     models = dd.run_models(run)
     model = c2.selectbox("Model", models, key="sal_model")
     sets = dd.prediction_sets(run)

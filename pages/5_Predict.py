@@ -61,7 +61,8 @@ with ui.guard():
         st.info("No finished run with trained models yet. Start one on the Launch page (or `make demo`).")
         st.stop()
     c1, c2 = st.columns([2, 1])
-    run = runs / c1.selectbox("Run", [r.name for r in finished], key="pred_run")
+    names = [r.name for r in finished]
+    run = runs / c1.selectbox("Run", names, index=ui.run_index(names), key="pred_run")
     method = c2.selectbox("Saliency method", ["gradcam", "gradcam++", "eigencam", "layercam"], key="pred_method")
     keys = tuple(dd.file_key(run / "models" / m / "model.safetensors") for m in dd.run_models(run))
     warm_models(str(run), keys)

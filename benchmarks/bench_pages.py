@@ -1,0 +1,94 @@
+"""Per-page render time of the dashboard (cold and warm), printed as one JSON object.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_pages.py [--runs RUNS_DIR] [--run NAME] [--repeat 3]
+
+Renders every page with ``streamlit.testing.v1.AppTest`` (the script's own work:
+reading files, statistics tables, figures, saliency; not the browser's drawing)
+against the newest finished run in ``RUNS_DIR`` (default ``$NHB_RUNS_DIR`` or
+``./runs``; ``make demo`` makes the paper-size synthetic run ``runs/demo``).
+``cold`` is the first render in a fresh process (caches empty, saliency maps
+possibly computed), ``warm`` the best of ``--repeat`` renders after it. Target:
+every page warm < 2 s on the paper-size run.
+
+When the folder has no finished run, a tiny study on the small synthetic cohort
+is run first (``"preset": "small"`` in the output) so that the script always
+measures something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PAGES = {"home": None, "cohort": "pages/1_Cohort.py", "launch": "pages/2_Launch.py",
+         "results": "pages/3_Results.py", "saliency": "pages/4_Saliency.py", "predict": "pages/5_Predict.py"}
+TARGET_S = 2.0
+
+
+def _ensure_run(runs: Path) -> tuple[Path, str]:
+    from nhb_core import dashboard_data as dd
+
+    done = dd.finished_runs(runs)
+    if done:
+        r = next((x for x in done if x.name == "demo"), done[0])
+        preset = "paper" if (dd.load_metrics(r) or {}).get("cohort", {}).get("flow", {}).get("dataset", {}).get(
+            "subjects", 0) >= 200 else "small"
+        return r, preset
+    from nhb_core.study import run_study
+    from nhb_core.synth import synthesize
+
+    data = Path(tempfile.mkdtemp(prefix="nhb-bench-"))
+    manifest = synthesize(data / "cohort", preset="small", seed=0)
+    cfg = {"models": ["resnet18", "densenet121", "efficientnet_b0"], "prepare": {"size": 32},
+           "train": {"epochs": 2, "batch_size": 16}, "saliency": {"n_cases": 2}, "seed": 0}
+    return run_study(manifest, runs / "bench-small", cfg), "small"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default=os.environ.get("NHB_RUNS_DIR", "runs"))
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    runs = Path(args.runs).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    os.environ["NHB_RUNS_DIR"] = str(runs)
+    run, preset = _ensure_run(runs)
+
+    from streamlit.testing.v1 import AppTest
+
+    out: dict = {"benchmark": "dashboard_pages", "run": run.name, "preset": preset, "target_warm_s": TARGET_S,
+                 "pages": {}}
+    for name, path in PAGES.items():
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
+        at.run()
+        if path:
+            at.switch_page(path)
+        if name in ("results", "saliency", "predict"):
+            at.query_params["run"] = run.name
+        t0 = time.perf_counter()
+        at.run()
+        cold = time.perf_counter() - t0
+        warm = []
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            at.run()
+            warm.append(time.perf_counter() - t0)
+        errors = [e.value for e in at.exception] + [e.value for e in at.error]
+        out["pages"][name] = {"cold_s": round(cold, 3), "warm_s": round(min(warm), 3),
+                              "ok": not errors and min(warm) < TARGET_S, "errors": errors[:3]}
+    out["all_warm_under_target"] = all(p["ok"] for p in out["pages"].values())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

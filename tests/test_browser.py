@@ -1,0 +1,153 @@
+"""The dashboard in a real browser: `streamlit run app.py` on a free port against a
+small finished run, driven by headless Chromium (Playwright, Debian's chromium).
+
+Checks every page for exception/error boxes, the ROC panels' plotly data (one
+model curve per model and set), the Grad-CAM images, and that an HTML run name /
+error line shows as text (no dialog). Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nhb_core.runs import write_status
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+EVIL = "<script>alert(1)</script>"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium where apt is available)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(small_run, tmp_path_factory):
+    """`streamlit run app.py` against a copy of the small run plus a failed run whose
+    name-like error line holds HTML."""
+    runs = tmp_path_factory.mktemp("browser_runs")
+    shutil.copytree(small_run, runs / small_run.name)
+    bad = runs / "evil_run"
+    bad.mkdir()
+    write_status(bad, "failed", error=f"manifest.csv:2: subject id {EVIL} is not valid. Rename it")
+    port = _free_port()
+    env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(tmp_path_factory.mktemp("data")),
+               NHB_POLL_S="2")
+    log = open(runs.parent / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("streamlit exited: " + (runs.parent / "streamlit.log").read_text()[-2000:])
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("streamlit did not come up in 120 s")
+        yield url, runs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _open(page, url: str, timeout_ms: int = 240_000) -> None:
+    page.goto(url)
+    page.wait_for_selector("h1", timeout=timeout_ms)
+    page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=timeout_ms)
+    page.wait_for_timeout(1500)
+
+
+def _check_clean(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    assert page.locator('[data-testid="stException"]').count() == 0, f"{name}: exception box"
+    errs = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
+    return errs
+
+
+def test_every_page_in_chromium(browser, server, small_run):
+    url, runs = server
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1800})
+    page = ctx.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    models = list(metrics["run"]["config"]["models"])
+    sets = [s for s in metrics["sets"] if s != "val"]
+    try:
+        # Home: the runs table; the failed run's error shows its HTML as text
+        _open(page, url + "/")
+        errs = _check_clean(page, "home")
+        assert any(EVIL in e for e in errs), errs
+        assert page.locator("script", has_text="alert(1)").count() == 0
+        assert EVIL in page.inner_text("body")
+
+        for name in ("Cohort", "Launch"):
+            _open(page, f"{url}/{name}")
+            assert not _check_clean(page, name.lower()), name
+
+        # Results: one ROC curve per model and set in the plotly data
+        _open(page, f"{url}/Results")
+        assert not _check_clean(page, "results")
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= %d" % len(sets),
+                               timeout=60_000)
+        traces = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+                                       .map(gd => (gd.data || []).map(t => t.name || ''))""")
+        curves = [n for fig in traces for n in fig if any(n.startswith(f"{m}: AUC") for m in models)]
+        assert len(curves) == len(models) * len(sets), (curves, sets)
+        for m in models:
+            assert sum(n.startswith(f"{m}: AUC") for n in curves) == len(sets)
+
+        # Saliency: the Grad-CAM images are shown (decoded, non-empty)
+        _open(page, f"{url}/Saliency")
+        assert not _check_clean(page, "saliency")
+        page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img'))
+                                  .filter(i => i.complete && i.naturalWidth > 0).length >= 3""", timeout=120_000)
+        caps = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
+        assert any("GP crop" in c for c in caps) and any("full axial slice" in c for c in caps), caps
+
+        _open(page, f"{url}/Predict")
+        assert not _check_clean(page, "predict")
+        assert dialogs == [], dialogs
+    finally:
+        ctx.close()
