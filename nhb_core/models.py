@@ -1,0 +1,289 @@
+"""Classifier networks (timm) with one logit, weight loading and trained-model loading.
+
+Every model is a timm classifier built with ``num_classes=1`` and the dataset's
+number of input channels (``in_chans``). Its output is one logit per image;
+``sigmoid(logit)`` is the probability of label 1.
+
+Weights: random initialisation, a local file with ImageNet weights in timm or
+torchvision layout (safetensors, or a PyTorch state dict read with
+``torch.load(weights_only=True)``), or the timm hub (needs a network). The
+3-channel stem of ImageNet weights is adapted to ``in_chans`` the timm way
+(summed for 1 channel, repeated and rescaled otherwise); the 1000-class
+classifier is dropped.
+
+Trained models (``model.safetensors`` + ``model.json``) are loaded without
+unpickling anything: :func:`load_trained`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from nhb_core.errors import ConfigError, NetworkUnavailableError, RunError
+
+#: The paper's three architectures (timm names); any other timm classifier is accepted.
+DEFAULT_MODELS = ("resnet18", "densenet121", "efficientnet_b0")
+
+#: ``weights`` values that ask for the timm hub's ImageNet weights.
+HUB_WEIGHTS = ("imagenet", "hub", "timm", "pretrained")
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` when timm knows it, else raise :class:`ConfigError`."""
+    timm = _timm()
+    if not isinstance(name, str) or not name or not timm.is_model(name):
+        raise ConfigError("--model", f"unknown model {name!r} (not a timm model name)",
+                          f"Use one of {', '.join(DEFAULT_MODELS)} or another name from timm.list_models()")
+    return name
+
+
+def _network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the hub can be opened (and HF_HUB_OFFLINE is not set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read a weights file without executing code.
+
+    ``.safetensors`` via safetensors; anything else via
+    ``torch.load(weights_only=True)``. A checkpoint dict wrapping the weights
+    under ``state_dict``, ``model``, ``model_state_dict`` or ``state_dict_ema``
+    is unwrapped, and a DDP ``module.`` prefix is removed.
+
+    Returns
+    -------
+    dict of str -> torch.Tensor
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(p, "the weights file does not exist", "Give the path of a .safetensors or .pth file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a user error about this file
+        msg = " ".join(str(err).split())[:200]
+        raise ConfigError(p, f"cannot read weights ({type(err).__name__}: {msg})",
+                          "Give a safetensors file or a plain PyTorch state dict (no pickled code)") from None
+    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(p, "not a state dict of tensors", "Give a state dict saved with torch.save(model.state_dict())")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+_HEAD_NAMES = ("classifier", "fc", "head", "heads", "last_linear")
+
+
+def _positional_remap(sd: dict, name: str) -> Optional[dict]:
+    """Rename a foreign-layout state dict (e.g. torchvision's EfficientNet) to timm's
+    names by position, when every tensor's shape matches in order; the classifier is
+    left out. Tries the file's order, then module order recovered by a natural sort
+    (safetensors files store keys alphabetically). None when nothing fits."""
+    timm = _timm()
+    ref_model = timm.create_model(name, pretrained=False, in_chans=3, num_classes=0)
+    ref = ref_model.state_dict()
+    body = [(k, v) for k, v in sd.items() if k.split(".")[0] not in _HEAD_NAMES]
+    if len(ref) != len(body):
+        return None
+    leaf_rank = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+
+    def _key(k: str):
+        parts = k.split(".")
+        path = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[:-1])
+        return path, leaf_rank.get(parts[-1], 9), parts[-1]
+
+    for order in (body, sorted(body, key=lambda kv: _key(kv[0]))):
+        if all(tuple(rv.shape) == tuple(sv.shape) for rv, (_, sv) in zip(ref.values(), order)):
+            return {rk: sv for rk, (_, sv) in zip(ref.keys(), order)}
+    return None
+
+
+def _as_tuple(v) -> tuple:
+    if not v:
+        return ()
+    return (v,) if isinstance(v, str) else tuple(v)
+
+
+def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike]):
+    """Model ``name`` with ``in_chans`` inputs and one logit, holding the file's weights
+    (every tensor but the classifier's; the stem adapted to ``in_chans``)."""
+    import torch
+    from timm.models import adapt_input_conv
+
+    timm = _timm()
+    sd = read_state_dict(path)
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1)
+    cfg = dict(model.pretrained_cfg or {})
+    classifiers = _as_tuple(cfg.get("classifier"))
+    cls_keys = {f"{c}.{s}" for c in classifiers for s in ("weight", "bias")}
+    target = model.state_dict()
+    body = [k for k in sd if k not in cls_keys]
+    if not set(body) <= set(target):
+        # torchvision layouts with other names (EfficientNet): map by position
+        remapped = _positional_remap(sd, name)
+        if remapped is None:
+            extra = sorted(set(body) - set(target), key=lambda k: k.split(".")[0] in _HEAD_NAMES)
+            raise ConfigError(Path(path), f"the weights do not fit timm's {name} (e.g. unknown tensor {extra[0]!r})",
+                              f"Give ImageNet weights of {name} in timm or torchvision layout")
+        sd = remapped
+    sd = {k: v for k, v in sd.items() if k not in cls_keys}
+    for conv in _as_tuple(cfg.get("first_conv")):
+        key = conv + ".weight"
+        if key in sd and key in target and sd[key].shape != target[key].shape:
+            src_chans = int(sd[key].shape[1])
+            sd[key] = adapt_input_conv(in_chans, sd[key], base_chans=src_chans).to(target[key].dtype)
+    bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if bad:
+        raise ConfigError(Path(path), f"tensor {bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, "
+                          f"{name} needs {tuple(target[bad[0]].shape)}",
+                          f"Give ImageNet weights of {name} in timm or torchvision layout")
+    res = model.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if k not in cls_keys]
+    if missing:
+        raise ConfigError(Path(path), f"the weights lack {len(missing)} tensor(s) of {name} (e.g. {missing[0]!r})",
+                          f"Give complete ImageNet weights of {name}")
+    return model
+
+
+def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathLike]] = None):
+    """A timm classifier with one output logit.
+
+    Parameters
+    ----------
+    name : str
+        timm model name (``resnet18``, ``densenet121``, ``efficientnet_b0``, or any other).
+    in_chans : int
+        Input channels (the dataset's ``in_chans``: 1 for T1, 2 with an ROI channel).
+    weights : None, "random", path, or "imagenet"
+        None / "random": random initialisation (seed it with ``torch.manual_seed``).
+        A path: local ImageNet weights (safetensors or state dict, timm or torchvision
+        layout), stem adapted to ``in_chans``, classifier dropped.
+        "imagenet" (or "hub"): timm's hub weights; raises
+        :class:`NetworkUnavailableError` when no network is reachable.
+
+    Returns
+    -------
+    torch.nn.Module
+        Input float32 ``[B, in_chans, H, W]``, output ``[B, 1]`` logits.
+    """
+    timm = _timm()
+    check_model_name(name)
+    in_chans = int(in_chans)
+    if in_chans < 1:
+        raise ConfigError("dataset", f"in_chans must be >= 1, got {in_chans}", "Check the prepared dataset")
+    if weights is None or (isinstance(weights, str) and weights.lower() in ("", "random", "none")):
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1)
+    if isinstance(weights, str) and weights.lower() in HUB_WEIGHTS:
+        if not _network_available():
+            raise NetworkUnavailableError(
+                "--weights", f"hub weights for {name} were requested but no network is reachable",
+                "Download the ImageNet weights once elsewhere and pass the local file with --weights FILE, "
+                "or train from random weights")
+        try:
+            return timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1)
+        except OSError as err:
+            raise NetworkUnavailableError("--weights", f"could not fetch hub weights for {name} ({type(err).__name__})",
+                                          "Pass a local weights file with --weights FILE") from None
+    return _load_local_weights(name, in_chans, weights)
+
+
+def default_target_layer(model, name: Optional[str] = None):
+    """The module whose activations Grad-CAM uses: the last convolutional block.
+
+    resnet*: ``layer4[-1]``; densenet*: ``features[-1]`` (final norm + ReLU);
+    efficientnet*: ``bn2`` (head conv's norm + activation); any other timm model:
+    the module of its last ``feature_info`` entry. Works on a DDP-wrapped model too.
+    """
+    import torch.nn as nn
+
+    m = getattr(model, "module", model)
+    name = (name or getattr(m, "default_cfg", {}).get("architecture", "") or "").lower()
+    if name.startswith(("resnet", "resnext", "seresnet", "wide_resnet")) and hasattr(m, "layer4"):
+        return m.layer4[-1]
+    if name.startswith("densenet") and hasattr(m, "features"):
+        return m.features[-1]
+    if name.startswith(("efficientnet", "tf_efficientnet", "mobilenet")) and hasattr(m, "bn2"):
+        return m.bn2
+    info = getattr(m, "feature_info", None)
+    if info:
+        try:
+            mod_name = info[-1]["module"] if isinstance(info, list) else info.module_name(-1)
+            return m.get_submodule(mod_name)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            pass
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    if not convs:
+        raise ConfigError(str(name), "the model has no convolution for Grad-CAM", "Use a convolutional model")
+    return convs[-1]
+
+
+def save_weights(model, path: Union[str, os.PathLike], metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write the model's state dict as safetensors (atomic). DDP wrappers are unwrapped."""
+    from safetensors.torch import save_file
+
+    from nhb_core.fileio import atomic_path
+
+    m = getattr(model, "module", model)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata or {})
+    return Path(path)
+
+
+def load_trained(model_dir: Union[str, os.PathLike], device: str = "cpu"):
+    """Load a trained model folder (``model.safetensors`` + ``model.json``), no pickle.
+
+    Returns
+    -------
+    (torch.nn.Module in eval mode on ``device``, dict model_json)
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from nhb_core.fileio import read_json
+
+    d = Path(model_dir)
+    mj_p, w_p = d / "model.json", d / "model.safetensors"
+    for p in (mj_p, w_p):
+        if not p.exists():
+            raise RunError(p, "missing (the model has not finished training)",
+                           "Train it with `python -m nhb_core train` or wait for the run to finish")
+    try:
+        mj = read_json(mj_p)
+    except (OSError, ValueError) as err:
+        raise RunError(mj_p, f"unreadable ({err})", "Retrain the model") from None
+    name = mj.get("timm_name") or mj.get("architecture")
+    model = create_model(name, int(mj.get("in_chans", 1)))
+    try:
+        sd = load_file(str(w_p), device="cpu")
+        model.load_state_dict(sd, strict=True)
+    except Exception as err:  # noqa: BLE001
+        msg = " ".join(str(err).split())[:200]
+        raise RunError(w_p, f"weights do not load into {name} ({msg})", "Retrain the model") from None
+    model.eval()
+    return model.to(torch.device(device)), mj
