@@ -77,4 +77,4 @@ with ui.guard():
                        + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items()))
 
 st.subheader("Pages")
-ui.show_table(pd.DataFrame(dd.PAGES_HELP, columns=["page", "what it does"]))
+st.markdown("\n".join(f"- **{page}**: {what}" for page, what in dd.PAGES_HELP))

@@ -102,14 +102,13 @@ def read_split(run_dir: str | os.PathLike) -> Optional[dict]:
 
 
 def run_models(run_dir: str | os.PathLike) -> list[str]:
-    """Trained models of a run (folders under ``models/`` with a model.json), else those in config."""
+    """Models of a run: those its config.yaml lists, else the folders under ``models/``
+    with a model.json (trained or training)."""
+    models = [str(m) for m in (read_config(run_dir).get("models") or [])]
+    if models:
+        return models
     mdir = Path(run_dir) / "models"
-    found = sorted(p.name for p in mdir.iterdir() if (p / "model.json").exists()) if mdir.is_dir() else []
-    if found:
-        order = list(read_config(run_dir).get("models") or [])
-        return sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m))
-    models = read_config(run_dir).get("models") or []
-    return [str(m) for m in models]
+    return sorted(p.name for p in mdir.iterdir() if (p / "model.json").exists()) if mdir.is_dir() else []
 
 
 def model_json(run_dir: str | os.PathLike, model: str) -> dict:

@@ -90,6 +90,10 @@ st.caption(f"At most {ui.max_running()} study running at a time (NHB_MAX_RUNNING
 
 
 def _job_card(run_dir: Path, st_: dict) -> None:
+    if st.session_state.get(f"cancel_{run_dir.name}") and st_.get("state") in jobs.ACTIVE_STATES:
+        # the Cancel button of this card was clicked: this (fragment) run handles it
+        with st.spinner("Stopping the process group..."):
+            st_ = jobs.cancel(run_dir)
     state = st_.get("state", "?")
     icon = {"running": ":material/autorenew:", "queued": ":material/schedule:", "done": ":material/check_circle:",
             "failed": ":material/error:", "cancelled": ":material/cancel:"}.get(state, "")
@@ -98,10 +102,8 @@ def _job_card(run_dir: Path, st_: dict) -> None:
         head.markdown(f"{icon} **{ui.md_escape(run_dir.name)}** - {state}"
                       + (f" (stage {ui.md_escape(st_.get('stage'))})" if st_.get("stage") and state == "running" else ""))
         if state in jobs.ACTIVE_STATES:
-            if btn.button("Cancel", key=f"cancel_{run_dir.name}", type="secondary"):
-                with st.spinner("Stopping the process group..."):
-                    jobs.cancel(run_dir)
-                st.rerun(scope="fragment")
+            btn.button("Cancel", key=f"cancel_{run_dir.name}", type="secondary",
+                       help="SIGTERM to the study's process group (SIGKILL after 5 s); the run is marked cancelled.")
         if state == "queued":
             pos = jobs.queue_position(runs, run_dir)
             st.caption(f"waiting in the queue (position {pos})" if pos else "starting...")
