@@ -117,7 +117,8 @@ def _job_card(run_dir: Path, st_: dict) -> None:
                 frac = r["fraction"]
                 st.progress(float(frac) if frac is not None else 0.0, text=ui.md_escape(text))
             if state == "running":
-                st.caption(f"ETA: {dd.fmt_seconds(dd.overall_eta(rows, st_, dd.read_config(run_dir).get("models")))}")
+                eta = dd.overall_eta(rows, st_, dd.read_config(run_dir).get("models"))
+                st.caption(f"ETA: {dd.fmt_seconds(eta)}")
             tail = dd.log_tail(run_dir, 12)
             if tail:
                 with st.expander("last log lines", expanded=state == "running"):

@@ -60,6 +60,11 @@ def study_summary(key: tuple) -> tuple[dict, pd.DataFrame]:
     return s, pd.DataFrame(s.get("cases") or [])
 
 
+@st.cache_data(show_spinner="Computing saliency over the set (cached on disk per case)...", max_entries=32)
+def summary(run: str, wkeys: tuple, set_name: str, method: str, n: int) -> pd.DataFrame:
+    return saliency.saliency_summary(run, set_name=set_name, method=method, max_cases=n, seed=0)
+
+
 with ui.guard():
     finished = dd.finished_runs(runs)
     if not finished:
@@ -138,7 +143,22 @@ with ui.guard():
 
     st.subheader("Averaged per model")
     skey = dd.file_key(run / "saliency" / "summary.json")
-    if skey[2] >= 0:
+    c1, c2 = st.columns([1, 3])
+    n_cases = c1.number_input("Cases", min_value=2, max_value=500, value=8, step=2, key="sal_n_cases")
+    if c2.button(f"Compute the averages for {dd.set_label(set_name)} with {METHOD_LABELS[method]}", key="sal_compute"):
+        st.session_state["sal_summary"] = (str(run), set_name, method, int(n_cases))
+    want = st.session_state.get("sal_summary")
+    if want and want[0] == str(run):
+        wkeys = tuple(dd.file_key(run / "models" / x / "model.safetensors") for x in models)
+        cases = summary(want[0], wkeys, want[1], want[2], want[3])
+        means = saliency.saliency_means(cases)
+        st.caption(f"{cases['subject_id'].nunique()} cases of set {ui.md_escape(dd.set_label(want[1]))}, method "
+                   f"{METHOD_LABELS[want[2]]}: mean share of CAM energy in the GP ROI, pointing-game hit rate, "
+                   "ROAD faithfulness (probability drop when the top CAM pixels are removed) next to the same drop "
+                   "for random maps.")
+        ui.show_table(means, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                            for c in means.columns if c not in ("model", "n")})
+    elif skey[2] >= 0:
         s, cases = study_summary(skey)
         if not cases.empty:
             means = saliency.saliency_means(cases)
