@@ -97,7 +97,7 @@ class Volume:
 # ----------------------------------------------------------------------------- NIfTI
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=None) -> Path:
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=None, compresslevel: int = 6) -> Path:
     """Write ``data`` with ``affine`` as NIfTI-1 (atomic: temp file, then rename).
 
     The qform and sform are both set to ``affine`` (code 1, scanner). A ``.nii.gz``
@@ -112,7 +112,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dt
     with atomic_path(path) as tmp:
         if "".join(path.suffixes[-2:]) == ".nii.gz":
             raw = img.to_bytes()
-            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="", compresslevel=6) as gz:
+            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="", compresslevel=compresslevel) as gz:
                 gz.write(raw)
         else:
             nib.save(img, str(tmp))
@@ -148,7 +148,10 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ImageError(path, f"{what} file is truncated or corrupt ({_short(err)})", "Copy or export the file again") from None
     except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, ValueError, OSError...
-        raise ImageError(path, f"cannot read the {what} as NIfTI ({_short(err)})", fix_export) from None
+        why = _diagnose_nifti(path)
+        if why:
+            raise ImageError(path, f"{what} file is {why}", "Copy or export the file again") from None
+        raise ImageError(path, f"cannot read the {what} as NIfTI ({_short(err, path)})", fix_export) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(path, f"{what} is not a NIfTI image ({type(img).__name__})", fix_export)
     hdr = img.header
@@ -172,7 +175,7 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ImageError(path, f"{what} file is truncated or corrupt ({_short(err)})", "Copy or export the file again") from None
     except Exception as err:
-        raise ImageError(path, f"cannot read the {what}'s voxel data ({_short(err)})", fix_export) from None
+        raise ImageError(path, f"cannot read the {what}'s voxel data ({_short(err, path)})", fix_export) from None
     raw = raw.reshape(shape)
     axcodes = tuple(nib.aff2axcodes(affine))
     data, affine = _to_canonical(raw, affine)
@@ -191,9 +194,27 @@ def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(new), new_affine
 
 
-def _short(err: BaseException) -> str:
-    msg = " ".join(str(err).split()) or type(err).__name__
+def _short(err: BaseException, path: Path | None = None) -> str:
+    msg = str(err)
+    if path is not None:
+        msg = msg.replace(str(path), path.name)
+    msg = " ".join(msg.split()) or type(err).__name__
     return msg[:160]
+
+
+def _diagnose_nifti(path: Path) -> str | None:
+    """Why a NIfTI file did not load, when it is truncation: 'truncated or corrupt (...)' or None."""
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                n = len(fh.read())
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
+            return f"truncated or corrupt ({_short(err, path)})"
+    else:
+        n = path.stat().st_size
+    if n < 348:
+        return f"truncated or corrupt (only {n} bytes; a NIfTI header alone is 348)"
+    return None
 
 
 # ----------------------------------------------------------------------------- T1

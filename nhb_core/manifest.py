@@ -469,7 +469,7 @@ def load_manifest(path: str | os.PathLike, nbna_threshold: float = DEFAULT_NBNA_
 
 
 def validate_manifest(path: str | os.PathLike, nbna_threshold: float = DEFAULT_NBNA_THRESHOLD, check_images: bool = True,
-                      progress: ProgressCallback | None = None) -> ValidationReport:
+                      progress: ProgressCallback | None = None, workers: int | None = None) -> ValidationReport:
     """Check every row of a manifest and return **all** problems (never raises for bad input).
 
     Parameters
@@ -485,6 +485,8 @@ def validate_manifest(path: str | os.PathLike, nbna_threshold: float = DEFAULT_N
     progress : callable, optional
         Called with ``{"stage": "validate", "done": i, "total": n, "message": subject_id, "eta_s": ...}``
         after each row's images.
+    workers : int, optional
+        Threads loading images (default ``min(4, cpu_count)``; 1 = sequential).
 
     Returns
     -------
@@ -499,7 +501,7 @@ def validate_manifest(path: str | os.PathLike, nbna_threshold: float = DEFAULT_N
     man, recs = _parse(path, nbna_threshold, col)
     report = ValidationReport(path=str(path), n_rows=len(recs))
     if man is not None and check_images:
-        _check_images(recs, col, progress)
+        _check_images(recs, col, progress, workers)
         report.images_checked = True
     # file order: sort by row (None first)
     col.problems.sort(key=lambda q: (q.row is not None, q.row or 0))
@@ -515,27 +517,43 @@ def validate_manifest(path: str | os.PathLike, nbna_threshold: float = DEFAULT_N
     return report
 
 
-def _check_images(recs: list[dict], col: _Collector, progress: ProgressCallback | None) -> None:
+def _check_row_images(r: dict) -> list[tuple[str, str, str]]:
+    """Load one row's T1 and ROI; -> [(column, problem, fix)]. Runs in a worker thread."""
     from nhb_core.io import load_roi, load_t1
 
+    found = []
+    t1 = None
+    t1_path, roi_path = r.get("t1_path") or "", r.get("roi_path") or ""
+    if t1_path and Path(t1_path).exists():
+        try:
+            t1 = load_t1(t1_path)
+        except NHBError as err:
+            found.append(("t1", f"t1 {r['t1']}: {err.problem}", err.fix))
+    if roi_path and Path(roi_path).is_file():
+        try:
+            load_roi(roi_path, reference=t1)
+        except NHBError as err:
+            found.append(("roi", f"roi {r['roi']}: {err.problem}", err.fix))
+    return found
+
+
+def _check_images(recs: list[dict], col: _Collector, progress: ProgressCallback | None, workers: int | None = None) -> None:
+    """Load every row's images (threads: gzip/zlib and numpy release the GIL); problems in file order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(recs)
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
     eta = EtaEstimator()
-    todo = [r for r in recs]
-    n = len(todo)
-    for i, r in enumerate(todo, 1):
-        row = r["manifest_row"]
-        t1 = None
-        t1_path, roi_path = r.get("t1_path") or "", r.get("roi_path") or ""
-        if t1_path and Path(t1_path).exists():
-            try:
-                t1 = load_t1(t1_path)
-            except NHBError as err:
-                col.add(f"t1 {r['t1']}: {err.problem}", err.fix, row=row, column="t1")
-        if roi_path and Path(roi_path).is_file():
-            try:
-                load_roi(roi_path, reference=t1)
-            except NHBError as err:
-                col.add(f"roi {r['roi']}: {err.problem}", err.fix, row=row, column="roi")
-        emit(progress, "validate", done=i, total=n, message=str(r.get("subject_id", "")), eta_s=eta.eta(i, n))
+    results: dict[int, list] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # map keeps the order; progress is reported as rows finish, in order
+        for i, (r, found) in enumerate(zip(recs, pool.map(_check_row_images, recs)), 1):
+            results[r["manifest_row"]] = found
+            emit(progress, "validate", done=i, total=n, message=str(r.get("subject_id", "")), eta_s=eta.eta(i, n))
+    for r in recs:
+        for column, problem, fix in results[r["manifest_row"]]:
+            col.add(problem, fix, row=r["manifest_row"], column=column)
 
 
 def _mean_sd(x: pd.Series) -> str:

@@ -1,0 +1,46 @@
+"""Benchmark: validating the synthetic 'paper' cohort (277 subjects), every T1 and ROI loaded.
+
+Usage: python benchmarks/bench_validate.py [COHORT_DIR]
+(without COHORT_DIR a paper-preset cohort is synthesised into a temporary folder first).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    from nhb_core.manifest import validate_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if len(sys.argv) > 1:
+            manifest = Path(sys.argv[1]) / "manifest.csv"
+            synth_s = None
+        else:
+            from nhb_core.synth import synthesize
+
+            t0 = time.perf_counter()
+            manifest = Path(synthesize(Path(tmp) / "paper", preset="paper", seed=0))
+            synth_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = validate_manifest(manifest, check_images=False)
+        parse_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = validate_manifest(manifest, check_images=True)
+        full_s = time.perf_counter() - t0
+        n = len(rep.manifest) if rep.manifest is not None else 0
+        print(json.dumps({
+            "benchmark": "validate_manifest", "subjects": n, "ok": rep.ok,
+            "seconds_no_images": round(parse_s, 3), "seconds_with_images": round(full_s, 3),
+            "ms_per_subject": round(1000 * full_s / max(n, 1), 2),
+            "synth_seconds": None if synth_s is None else round(synth_s, 1),
+        }))
+
+
+if __name__ == "__main__":
+    main()
