@@ -245,6 +245,19 @@ def _binary(s: str) -> int | None:
     return int(v)
 
 
+def _resolve(val: str, root: Path) -> Path:
+    """A manifest path -> absolute path (relative to the manifest's folder; ``~`` expanded;
+    Windows separators accepted on POSIX when the path does not exist as written)."""
+    full = Path(os.path.expanduser(val))
+    full = full if full.is_absolute() else root / full
+    if "\\" in val and os.sep == "/" and not full.exists():
+        alt = Path(os.path.expanduser(val.replace("\\", "/")))
+        alt = alt if alt.is_absolute() else root / alt
+        if alt.exists():
+            return alt
+    return full
+
+
 def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> tuple[Manifest | None, list[dict]]:
     """Parse and check the table (no image loading). Returns (manifest of all parsed rows, row dicts)."""
     p = Path(path)
@@ -252,6 +265,11 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
     if table is None:
         return None, []
     header, rows = table
+    # spreadsheets often save trailing empty columns ("a,b,c,,"): drop them when they hold nothing
+    while len(header) > 1 and header[-1].strip() == "" and all(
+            len(c) < len(header) or c[len(header) - 1].strip() == "" for _r, c in rows):
+        header = header[:-1]
+        rows = [(r, c[: len(header)] if len(c) > len(header) else c) for r, c in rows]
     names = [_norm_col(h) for h in header]
     fatal = False
     # header checks
@@ -325,8 +343,7 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
                 col.add(f"{key} is empty", f"Give the {what} path ({fix_kind}), relative to the manifest's folder", row=row, column=key)
                 rec[key + "_path"] = ""
                 continue
-            full = Path(os.path.expanduser(val))
-            full = full if full.is_absolute() else root / full
+            full = _resolve(val, root)
             rec[key + "_path"] = str(full)
             if not full.exists():
                 col.add(f"{what} not found: {val} (looked for {full})",

@@ -211,3 +211,35 @@ def test_threshold_option_and_bad_threshold(tmp_path):
     assert d["cohort_table"]["B"] == {"0": 1, "1": 2}
     r = run_cli("validate", "--nbna-threshold", "50", m)
     assert r.returncode == 2 and "NBNA threshold 50.0 is outside 0..40" in r.stderr
+
+
+def test_trailing_empty_columns_and_windows_paths(tmp_path):
+    m = make_cohort(tmp_path / "c", n=3, readers=(), covariates=False, extra=False)
+    lines = m.read_text().splitlines()
+    lines = [lines[0] + ",,"] + [ln.replace("images/", "images\\") + ",," for ln in lines[1:]]
+    m.write_text("\r\n".join(lines) + "\r\n")  # Excel style: CRLF, trailing empty columns
+    man = load_manifest(m)
+    assert list(man.df["subject_id"]) == ["S001", "S002", "S003"]
+    assert Path(man.df.loc[0, "t1_path"]).exists()
+    assert man.extra_columns == []
+
+
+def test_docs_example_is_valid(tmp_path, repo_dir):
+    """The example in docs/manifest.md parses as documented."""
+    text = (repo_dir / "docs" / "manifest.md").read_text(encoding="utf-8")
+    example = text.split("```csv\n", 1)[1].split("```", 1)[0]
+    site_b = tmp_path / "siteB"
+    example = example.replace("/data/siteB", str(site_b))
+    root = tmp_path / "cohort"
+    for rel in ("images/A001_t1.nii.gz", "images/A001_roi.nii.gz", "images/A002_roi.nii.gz"):
+        save_nifti(np.ones(SHAPE, np.uint8), AFFINE, root / rel)
+    (root / "dicom" / "A002_t1").mkdir(parents=True)
+    save_nifti(np.ones(SHAPE, np.uint8), AFFINE, site_b / "B001" / "t1.nii")
+    save_nifti(np.ones(SHAPE, np.uint8), AFFINE, site_b / "B001" / "gp_mask.nii.gz")
+    (root / "manifest.csv").write_text(example, encoding="utf-8")
+    rep = validate_manifest(root / "manifest.csv", check_images=False)
+    assert rep.ok, [p.line() for p in rep.problems]
+    df = rep.manifest.df
+    assert df["label"].tolist() == [0, 1, 1]
+    assert np.isnan(df.loc[2, "reader_2"]) and df.loc[2, "reader_1"] == 1.0
+    assert rep.manifest.extra_columns == ["scanner"]
