@@ -563,11 +563,15 @@ def _check_images(recs: list[dict], col: _Collector, progress: ProgressCallback 
         workers = min(4, os.cpu_count() or 1)
     eta = EtaEstimator()
     results: dict[int, list] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         # map keeps the order; progress is reported as rows finish, in order
         for i, (r, found) in enumerate(zip(recs, pool.map(_check_row_images, recs)), 1):
             results[r["manifest_row"]] = found
             emit(progress, "validate", done=i, total=n, message=str(r.get("subject_id", "")), eta_s=eta.eta(i, n))
+    finally:
+        # a progress callback that raises (a cancelled job) stops the remaining rows at once
+        pool.shutdown(wait=True, cancel_futures=True)
     for r in recs:
         for column, problem, fix in results[r["manifest_row"]]:
             col.add(problem, fix, row=r["manifest_row"], column=column)

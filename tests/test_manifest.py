@@ -243,3 +243,17 @@ def test_docs_example_is_valid(tmp_path, repo_dir):
     assert df["label"].tolist() == [0, 1, 1]
     assert np.isnan(df.loc[2, "reader_2"]) and df.loc[2, "reader_1"] == 1.0
     assert rep.manifest.extra_columns == ["scanner"]
+
+
+def test_progress_exception_cancels(tmp_path):
+    m = make_cohort(tmp_path / "c", n=8, readers=(), covariates=False, extra=False)
+    seen = []
+
+    def cb(ev):
+        seen.append(ev["done"])
+        if ev["done"] == 2:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        validate_manifest(m, progress=cb, workers=2)
+    assert seen == [1, 2]
