@@ -261,7 +261,11 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None,
             raise RunError(rd / "models" / name / "model.json",
                            f"the model takes {in_chans} channel(s) but its preprocessing gives {images.shape[1]}",
                            "Retrain the model; its model.json does not match its weights")
-        probs = predict_probs(model, images)
+        arch = mj.get("architecture") or name
+        if with_cam:
+            maps, probs = saliency.compute_cams(model, images, method=method, model_name=arch, return_probs=True)
+        else:
+            probs = predict_probs(model, images)
         thr = float(mj.get("threshold", 0.5)) if mj.get("threshold") is not None else 0.5
         prob = float(np.mean(probs))
         entry: dict[str, Any] = {
@@ -273,7 +277,6 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None,
         if mj.get("threshold") is None:
             entry["threshold_note"] = "model.json has no threshold; 0.5 used"
         if with_cam:
-            maps = saliency.compute_cams(model, images, method=method, model_name=mj.get("architecture") or name)
             cams[name] = {int(z): maps[i] for i, z in enumerate(res["slice_index"])}
             entry["cam"] = [{"slice_index": int(z),
                              "energy_in_roi": saliency.cam_energy_in_roi(maps[i], res["masks"][i]),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -139,11 +140,20 @@ def resolve_target_layer(model, model_name: Optional[str] = None, input_hw: Opti
     if in_chans is None:
         conv = next((m for m in model.modules() if hasattr(m, "in_channels")), None)
         in_chans = int(getattr(conv, "in_channels", 1))
+    memo = _LAYER_MEMO.setdefault(model, {})
+    key = (str(model_name), tuple(input_hw), int(in_chans))
+    if key in memo:
+        return memo[key]
     hw = _output_hw(model, layer, in_chans, tuple(input_hw))
-    if hw is not None and min(hw) >= MIN_CAM_CELLS:
-        return layer
-    shallower = _timm_feature_module(getattr(model, "module", model), tuple(input_hw))
-    return shallower if shallower is not None else layer
+    if hw is None or min(hw) < MIN_CAM_CELLS:
+        shallower = _timm_feature_module(getattr(model, "module", model), tuple(input_hw))
+        layer = shallower if shallower is not None else layer
+    memo[key] = layer
+    return layer
+
+
+#: model -> {(name, input_hw, in_chans): target layer}; forgotten with the model.
+_LAYER_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +163,7 @@ def resolve_target_layer(model, model_name: Optional[str] = None, input_hw: Opti
 def _as_batch(images) -> "Any":
     import torch
 
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.float32, copy=True))
     t = t.detach().float()
     if t.ndim == 3:
         t = t[None]
@@ -173,7 +183,7 @@ def _model_device(model):
 
 
 def compute_cams(model, images, method: str = "gradcam", target_layer=None, model_name: Optional[str] = None,
-                 batch_size: int = 32) -> np.ndarray:
+                 batch_size: int = 32, return_probs: bool = False):
     """Class-activation maps for a batch of crops.
 
     Parameters
@@ -190,11 +200,16 @@ def compute_cams(model, images, method: str = "gradcam", target_layer=None, mode
     batch_size : int
         Crops per forward/backward pass.
 
+    return_probs : bool
+        Also return the model's probabilities, ``sigmoid(logit)`` float64 [N], from the same
+        forward pass.
+
     Returns
     -------
     np.ndarray, shape [N, H, W], float32 in [0, 1]
         One map per crop at the crop's resolution, min-max normalised per crop; a map with no
         positive evidence is all zeros. The target is always the positive (injury) logit.
+        With ``return_probs``: ``(maps, probs)``.
     """
     import pytorch_grad_cam as pgc
     import torch
@@ -209,6 +224,7 @@ def compute_cams(model, images, method: str = "gradcam", target_layer=None, mode
     model.eval()
     cam_cls = getattr(pgc, METHODS[m])
     out = np.zeros((n, h, w), dtype=np.float32)
+    probs = np.zeros(n, dtype=np.float64)
     try:
         with torch.enable_grad(), cam_cls(model=model, target_layers=[target_layer]) as cam:
             for i in range(0, n, batch_size):
@@ -216,11 +232,13 @@ def compute_cams(model, images, method: str = "gradcam", target_layer=None, mode
                 targets = [ClassifierOutputTarget(0) for _ in range(len(xb))]
                 maps = cam(input_tensor=xb, targets=targets)
                 out[i:i + len(xb)] = np.asarray(maps, dtype=np.float32).reshape(len(xb), h, w)
+                logits = cam.outputs.detach().reshape(len(xb), -1)[:, 0]
+                probs[i:i + len(xb)] = torch.sigmoid(logits).cpu().numpy()
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    out = np.clip(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
+    return (out, probs) if return_probs else out
 
 
 def compute_cam(model, image, method: str = "gradcam", target_layer=None, model_name: Optional[str] = None) -> np.ndarray:
@@ -281,15 +299,15 @@ def cam_energy_in_roi(cam: np.ndarray, roi_mask: np.ndarray) -> float:
     return float(np.clip(cam[roi].sum() / total, 0.0, 1.0))
 
 
-def pointing_game(cam: np.ndarray, roi_mask: np.ndarray, tolerance_px: int = 0) -> bool:
+def pointing_game(cam: np.ndarray, roi_mask: np.ndarray, tolerance_px: float = 0) -> bool:
     """Pointing-game hit: the CAM maximum falls inside the ROI.
 
     Parameters
     ----------
     cam : np.ndarray, shape [H, W]
     roi_mask : np.ndarray, shape [H, W]; non-zero = inside
-    tolerance_px : int
-        The ROI is dilated by this many pixels first (0 = strict).
+    tolerance_px : float
+        A maximum within this Euclidean distance (pixels) of the ROI counts as a hit (0 = strict).
 
     Returns
     -------
@@ -300,9 +318,9 @@ def pointing_game(cam: np.ndarray, roi_mask: np.ndarray, tolerance_px: int = 0) 
     if not roi.any() or not np.isfinite(cam).all() or float(cam.max()) <= float(cam.min()):
         return False
     if tolerance_px > 0:
-        from scipy.ndimage import binary_dilation
+        from scipy.ndimage import distance_transform_edt
 
-        roi = binary_dilation(roi, iterations=int(tolerance_px))
+        roi = distance_transform_edt(~roi) <= float(tolerance_px)
     peak = cam >= cam.max()
     return bool((peak & roi).any())
 
@@ -735,7 +753,7 @@ def cam_for_case(run_dir: str | os.PathLike, model_name: str, set_name: str, sub
     the key hashing model, method, subject, slice, the weights' SHA-256 and the image's bytes.
     """
     from nhb_core.fileio import sha256_json
-    from nhb_core.predict import load_run_model, predict_probs, weights_sha256
+    from nhb_core.predict import load_run_model, weights_sha256
 
     rd = Path(run_dir)
     m = normalize_method(method)
@@ -770,8 +788,8 @@ def cam_for_case(run_dir: str | os.PathLike, model_name: str, set_name: str, sub
         model, mj = load_run_model(rd, model_name)
     if cached is None:
         arch = (mj or {}).get("architecture") or model_name
-        cam = compute_cam(model, image, method=m, model_name=arch)
-        prob = float(predict_probs(model, image[None])[0])
+        cams, probs = compute_cams(model, image[None], method=m, model_name=arch, return_probs=True)
+        cam, prob = cams[0], float(probs[0])
         data = {"cam": cam.astype(np.float32), "prob": np.float64(prob), "key": np.array(key)}
         was_cached = False
     else:
