@@ -16,7 +16,7 @@ Output folder (schemas in ``docs/dataset.md``)::
     masks.npy      uint8 [n_slices, size, size], the bilateral ROI (0/1) per slice
     subjects.csv   one row per subject: manifest columns (no paths) + n_slices + hashes
     prepare.json   config, input hashes, versions, channels, size, crop_mm, cache keys
-    cache/         one .npz per subject, keyed on (T1 sha256, ROI sha256, config)
+    cache/         one file per subject, keyed on (T1 sha256, ROI sha256, config)
 
 Geometry conventions (all in the RAS+ closest-canonical arrays that
 :mod:`nhb_core.io` returns):
@@ -497,25 +497,31 @@ def subject_cache_key(t1_sha: str, roi_sha: str, config_sha: str) -> str:
     return sha256_json({"t1": t1_sha, "roi": roi_sha, "config": config_sha})
 
 
+_CACHE_FIELDS = ("images", "masks", "slice_index", "roi_voxels", "centroid_vox", "warnings")
+CACHE_SUFFIX = ".npys"
+
+
 def _save_cache(path: Path, res: dict[str, Any]) -> None:
+    """One subject's arrays as consecutive .npy records in one file (no zip, no pickle)."""
     import json
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, images=res["images"], masks=res["masks"], slice_index=res["slice_index"],
-                     roi_voxels=res["roi_voxels"], centroid_vox=res["centroid_vox"],
-                     warnings=np.array(json.dumps(res["warnings"])))
+            for name in _CACHE_FIELDS[:-1]:
+                np.save(fh, np.ascontiguousarray(res[name]), allow_pickle=False)
+            np.save(fh, np.frombuffer(json.dumps(res["warnings"]).encode(), dtype=np.uint8), allow_pickle=False)
 
 
 def _load_cache(path: Path) -> Optional[dict[str, Any]]:
     import json
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {"images": z["images"], "masks": z["masks"], "slice_index": z["slice_index"],
-                    "roi_voxels": z["roi_voxels"], "centroid_vox": z["centroid_vox"],
-                    "warnings": json.loads(str(z["warnings"]))}
-    except (OSError, ValueError, KeyError):
+        with open(path, "rb") as fh:
+            arrs = [np.load(fh, allow_pickle=False) for _ in _CACHE_FIELDS]
+        out = dict(zip(_CACHE_FIELDS, arrs))
+        out["warnings"] = json.loads(out["warnings"].tobytes().decode())
+        return out
+    except (OSError, ValueError, EOFError, UnicodeDecodeError):
         return None
 
 
@@ -532,7 +538,7 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
         shas[kind] = sha
     key = subject_cache_key(shas["t1"], shas["roi"], job["config_sha"])
     out.update(t1_sha=shas["t1"], roi_sha=shas["roi"], key=key)
-    cache_file = Path(job["cache_dir"]) / f"{key}.npz"
+    cache_file = Path(job["cache_dir"]) / f"{key}{CACHE_SUFFIX}"
     res = _load_cache(cache_file) if cache_file.exists() else None
     if res is None:
         res = process_subject(job["t1_path"], job["roi_path"], PrepareConfig.from_dict(job["config"]))
@@ -812,9 +818,9 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     }
     atomic_write_json(out / "prepare.json", meta)
     # drop cache entries no subject of this dataset uses any more
-    live = {f"{k}.npz" for k in keys}
-    for f in cache_dir.glob("*.npz"):
-        if f.name not in live:
+    live = {f"{k}{CACHE_SUFFIX}" for k in keys} | {"hashes.json"}
+    for f in cache_dir.iterdir():
+        if f.is_file() and f.name not in live and not f.name.startswith("."):
             try:
                 f.unlink()
             except OSError:

@@ -328,7 +328,7 @@ def test_cache_unchanged_changed_file_changed_option(cohort, tmp_path, monkeypat
     prepare(cohort, out, PrepareConfig(size=24), workers=1)
     meta = read_json(out / "prepare.json")
     assert meta["n_computed"] == 5 and meta["size"] == 24
-    assert len(list((out / "cache").glob("*.npz"))) == 5
+    assert len(list((out / "cache").glob("*.npys"))) == 5
 
     # a manifest-only change (label) rewrites the tables from the cache
     df = pd.read_csv(cohort, dtype=str)
