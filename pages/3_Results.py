@@ -74,11 +74,16 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     st.markdown("#### ROC curves per set")
     st.caption("Bands: 95% DeLong-based confidence band; open circles: the model at its threshold; black markers: "
                "readers; dotted: oracle (synthetic truth) where known.")
-    per_row = 1 if compact else min(3, len(sets))
+    per_row = 1 if compact else 2
     for i in range(0, len(sets), per_row):
         cols = st.columns(per_row)
         for c, s in zip(cols, sets[i:i + per_row]):
-            c.plotly_chart(roc_fig(mkey, s, level), key=f"{kp}roc_{s}_{level}", width="stretch")
+            fig = roc_fig(mkey, s, level)
+            # legend under the square plot so narrow panels keep a readable 0-1 axis
+            fig.update_layout(height=640, legend=dict(orientation="v", x=0, y=-0.16, xanchor="left", yanchor="top",
+                                                      bgcolor="rgba(0,0,0,0)"),
+                              margin=dict(l=50, r=10, t=50, b=10))
+            c.plotly_chart(fig, key=f"{kp}roc_{s}_{level}", width="stretch")
 
     st.markdown("#### AUC (95% CI) and threshold metrics")
     tab = dd.auc_table(m, level)
@@ -93,7 +98,8 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     st.markdown("#### DeLong p-values (paired, model vs model)")
     dl = dd.delong_matrix(m, set_pick, level)
     if dl.shape[0] >= 2:
-        st.dataframe(dl.style.format("{:.4f}", na_rep="-"), width="stretch")
+        st.dataframe(dl.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")), width="stretch")
+        st.caption("- : not computed (a model compared with itself, or too few cases of one class).")
     else:
         st.caption("One model: nothing to compare.")
     rt = dd.reader_table(m, set_pick, level)
