@@ -568,7 +568,7 @@ def render_subject(subject, center: Optional[str] = None, seed: int = 0, index: 
             m = _soft(d, edge)
             if name == "gp":
                 # the T1 shortening is strongest in the posteromedial GP
-                w = np.clip(0.72 - 0.35 * ly / semi[1] - 0.25 * side * lx / semi[0], 0.3, 1.2)
+                w = np.clip(0.76 - 0.16 * ly / semi[1] - 0.12 * side * lx / semi[0], 0.5, 1.0)
                 delta = sc.gp_gain * float(subject["gp_delta"]) * (1.0 + side * float(subject["asym"]))
                 value = T["gp"] + np.float32(float(subject["gp_base"])) + np.float32(delta) * w
                 gp_m[code] = (box, m)
@@ -845,12 +845,13 @@ __all__ = ["synthesize", "draw_cohort", "render_subject", "subject_truth", "rend
            "auc_score", "center_affine", "PRESETS", "SCANNERS", "GENERATOR_VERSION"]
 
 
-def render_montage(path, seed: int = 0, per_group: int = 2, tile_px: int = 176) -> Path:
-    """Write a PNG montage: axial slices through the GP, controls vs injured, one row per center.
+def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
+    """Write a PNG montage of axial slices through the GP: one row per center, a control and an
+    injured neonate, each as the whole slice and as a 64 mm zoom on the basal ganglia.
 
-    Subjects come from the paper preset's draw (``seed``): for each center the label-0
-    subjects with the lowest and the label-1 subjects with the median-to-high latent
-    severity. Radiological orientation (the patient's left on the image's right). Returns the path.
+    Subjects come from the paper preset's draw (``seed``): per center the label-0 subject with the
+    lowest latent severity and the label-1 subject at the 75th severity percentile of the injured.
+    Radiological orientation (the patient's left on the image's right). Returns the path.
     """
     from PIL import Image, ImageDraw
 
@@ -858,26 +859,32 @@ def render_montage(path, seed: int = 0, per_group: int = 2, tile_px: int = 176) 
     rows = []
     for center in CENTERS:
         sub = df[df.center == center].sort_values("severity")
-        ctrl = sub[sub.label == 0].head(per_group)
+        ctrl = sub[sub.label == 0].iloc[0]
         inj = sub[sub.label == 1]
-        inj = inj.iloc[[int(q * (len(inj) - 1)) for q in np.linspace(0.5, 0.9, per_group)]]
+        inj = inj.iloc[int(0.75 * (len(inj) - 1))]
+        sp = SCANNERS[center].inplane_mm
         tiles = []
-        for _, subj in list(ctrl.iterrows()) + list(inj.iterrows()):
+        for subj in (ctrl, inj):
             v = render_subject(subj.to_dict(), seed=seed)
             t1, gp = v["t1"].astype(np.float32), v["gp_true"]
             z = int(np.argmax((gp > 0).sum(axis=(0, 1))))
             sl = t1[:, :, z].T[::-1, ::-1]  # rows: anterior at the top; columns: patient's left on the right
-            sp = SCANNERS[center].inplane_mm
-            half = int(round(63.0 / sp))
-            cy, cx = sl.shape[0] // 2 - int(round(4.0 / sp)), sl.shape[1] // 2
-            crop = sl[max(0, cy - half): cy + half, max(0, cx - half): cx + half]
             hi = float(np.percentile(t1[t1 > 0], 99.5))
-            im = Image.fromarray(np.clip(crop / hi * 255.0, 0, 255).astype(np.uint8)).resize(
-                (tile_px, tile_px), Image.BILINEAR)
-            d = ImageDraw.Draw(im)
-            d.text((4, 3), f"{center} {'injured' if subj.label else 'control'}", fill=255)
-            d.text((4, tile_px - 13), f"NBNA {subj.nbna}", fill=255)
-            tiles.append(np.asarray(im))
+            yy, xx = np.nonzero(gp[:, :, z].T[::-1, ::-1])
+            gy, gx = int(yy.mean()), int(xx.mean())
+            for half_mm, cy, cx, what in ((63.0, sl.shape[0] // 2 - int(round(4.0 / sp)), sl.shape[1] // 2, "slice"),
+                                          (32.0, gy, gx, "zoom")):
+                half = int(round(half_mm / sp))
+                crop = np.zeros((2 * half, 2 * half), np.float32)
+                y0, x0 = cy - half, cx - half
+                src = sl[max(0, y0): cy + half, max(0, x0): cx + half]
+                crop[max(0, -y0): max(0, -y0) + src.shape[0], max(0, -x0): max(0, -x0) + src.shape[1]] = src
+                im = Image.fromarray(np.clip(crop / hi * 255.0, 0, 255).astype(np.uint8)).resize(
+                    (tile_px, tile_px), Image.BILINEAR)
+                d = ImageDraw.Draw(im)
+                d.text((4, 3), f"{center} {'injured' if subj.label else 'control'}", fill=255)
+                d.text((4, tile_px - 13), f"NBNA {subj.nbna}" + (" (GP zoom)" if what == "zoom" else ""), fill=255)
+                tiles.append(np.asarray(im))
         rows.append(np.concatenate(tiles, axis=1))
     out = Path(path)
     from nhb_core.fileio import atomic_path
