@@ -57,7 +57,9 @@ def study_summary(key: tuple) -> tuple[dict, pd.DataFrame]:
     from nhb_core.fileio import read_json
 
     s = read_json(key[0])
-    return s, pd.DataFrame(s.get("cases") or [])
+    cases_csv = Path(key[0]).parent / "cases.csv"
+    cases = pd.read_csv(cases_csv, dtype={"subject_id": str}) if cases_csv.exists() else pd.DataFrame(s.get("cases") or [])
+    return s, cases
 
 
 @st.cache_data(show_spinner="Computing saliency over the set (cached on disk per case)...", max_entries=32)

@@ -131,8 +131,8 @@ def test_queue_runs_one_at_a_time_and_cancel(tmp_path, small_cohort, tiny_study_
     assert read_status(b)["state"] == "queued" and jobs.queue_position(runs, b) == 1
     jobs.refresh(runs, max_running=1)
     assert read_status(b)["state"] == "queued"
-    # wait until training has begun (an event from the train stage)
-    _wait_state(a, lambda s: str(s.get("stage", "")).startswith("train"), timeout=180)
+    # wait until the study process runs its stages (its SIGTERM handler is installed)
+    _wait_state(a, lambda s: s.get("stage") not in (None, "starting", "queued"), timeout=180)
     pid = read_status(a)["pid"]
     st = jobs.cancel(a, grace_s=5)
     assert st["state"] == "cancelled"
