@@ -735,6 +735,11 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
         else:
             import multiprocessing as mp
 
+            # import the heavy modules once here, so that forked workers inherit them
+            import scipy.ndimage  # noqa: F401
+
+            import nhb_core.io  # noqa: F401
+
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
             with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as ex:
                 pending = {ex.submit(_work, j) for j in jobs}
