@@ -176,3 +176,28 @@ def test_reader_values_checked():
     with pytest.raises(StatsInputError, match="missing"):
         check_reader([0, 1, np.nan], 3, column="reader_x")
     assert np.isnan(check_reader([0, 1, np.nan], 3, column="reader_x", allow_missing=True)[2])
+
+
+@SETTINGS
+@given(labelled_scores())
+def test_roc_polygon_area_is_auc(data):
+    y, s = data
+    pts = stats.roc_curve(y, s).to_dict()
+    fpr, tpr = np.asarray(pts["fpr"]), np.asarray(pts["tpr"])
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(stats.auc(y, s), abs=1e-12)
+
+
+@SETTINGS
+@given(st.integers(2, 30), st.integers(2, 30), st.integers(0, 10 ** 6))
+def test_roc_band_curve_on_grid_untied(m, n, seed):
+    """Without ties the grid curve is the step ROC: the best TPR among vertices with FPR <= f."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(m), np.zeros(n)]
+    s = rng.permutation(m + n).astype(float) + 0.3 * y
+    band = stats.roc_band(y, s, n_boot=20, seed=seed)
+    pts = stats.roc_curve(y, s).to_dict()
+    fpr, tpr = np.asarray(pts["fpr"]), np.asarray(pts["tpr"])
+    want = [tpr[fpr <= f + 1e-9].max() for f in stats.FPR_GRID]
+    np.testing.assert_allclose(band["tpr"], want, atol=1e-9)

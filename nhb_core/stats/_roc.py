@@ -489,17 +489,18 @@ def _tpr_on_grid(pw: np.ndarray, nw: np.ndarray, grid: np.ndarray) -> np.ndarray
     bad = ~np.isfinite(fp).all(axis=1) | ~np.isfinite(tp).all(axis=1)
     fp[bad] = np.linspace(0, 1, U + 1)
     tp[bad] = np.nan
-    off = 2.0 * np.arange(b)[:, None]
-    xf = (fp + off).ravel()
-    q = (grid[None, :] + off).ravel()
-    k = np.searchsorted(xf, q, side="right") - 1  # last vertex with fpr <= f
-    row_last = (np.arange(b)[:, None] * (U + 1) + U).repeat(grid.size, axis=1).ravel()
-    k1 = np.minimum(k + 1, row_last)
-    x0, x1 = xf[k], xf[k1]
-    y0, y1 = tp.ravel()[k], tp.ravel()[k1]
+    # last vertex with fpr <= f (an FPR equal to f up to rounding, 1e-9, counts as reached)
+    qg = grid + 1e-9
+    k = np.empty((b, grid.size), dtype=np.int64)
+    for i in range(b):
+        k[i] = np.searchsorted(fp[i], qg, side="right") - 1
+    k = np.clip(k, 0, U)
+    k1 = np.minimum(k + 1, U)
+    x0, x1 = np.take_along_axis(fp, k, 1), np.take_along_axis(fp, k1, 1)
+    y0, y1 = np.take_along_axis(tp, k, 1), np.take_along_axis(tp, k1, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(x1 > x0, (q - x0) / (x1 - x0), 0.0)
-    return (y0 + t * (y1 - y0)).reshape(b, grid.size)
+        t = np.where(x1 > x0, np.clip((grid[None, :] - x0) / (x1 - x0), 0.0, 1.0), 0.0)
+    return y0 + t * (y1 - y0)
 
 
 def bootstrap_aucs(y, scores, n_boot: int = 2000, seed: int = 0, cluster=None, *, grid=None,
