@@ -8,6 +8,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,14 +31,19 @@ def main() -> None:
         t0 = time.perf_counter()
         rep = validate_manifest(manifest, check_images=False)
         parse_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rep = validate_manifest(manifest, check_images=True)
-        full_s = time.perf_counter() - t0
+        full_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        t0 = time.perf_counter()
+        validate_manifest(manifest, check_images=True, workers=1)
+        seq_s = time.perf_counter() - t0
         n = len(rep.manifest) if rep.manifest is not None else 0
         print(json.dumps({
             "benchmark": "validate_manifest", "subjects": n, "ok": rep.ok,
             "seconds_no_images": round(parse_s, 3), "seconds_with_images": round(full_s, 3),
-            "ms_per_subject": round(1000 * full_s / max(n, 1), 2),
+            "cpu_seconds_with_images": round(cpu_s, 3), "seconds_with_images_1_thread": round(seq_s, 3),
+            "ms_per_subject": round(1000 * full_s / max(n, 1), 2), "cpu_count": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2),
             "synth_seconds": None if synth_s is None else round(synth_s, 1),
         }))
 

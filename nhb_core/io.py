@@ -144,7 +144,7 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
         if magic != b"\x1f\x8b":
             raise ImageError(path, f"{what} file is named .gz but is not gzip-compressed (not a NIfTI file)", fix_export)
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), mmap=False)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ImageError(path, f"{what} file is truncated or corrupt ({_short(err)})", "Copy or export the file again") from None
     except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, ValueError, OSError...
@@ -175,6 +175,10 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ImageError(path, f"{what} file is truncated or corrupt ({_short(err)})", "Copy or export the file again") from None
     except Exception as err:
+        need = int(getattr(img.dataobj, "offset", 0) or 0) + int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize
+        why = _diagnose_nifti(path, need)
+        if why:
+            raise ImageError(path, f"{what} file is {why}", "Copy or export the file again") from None
         raise ImageError(path, f"cannot read the {what}'s voxel data ({_short(err, path)})", fix_export) from None
     raw = raw.reshape(shape)
     axcodes = tuple(nib.aff2axcodes(affine))
@@ -202,8 +206,11 @@ def _short(err: BaseException, path: Path | None = None) -> str:
     return msg[:160]
 
 
-def _diagnose_nifti(path: Path) -> str | None:
-    """Why a NIfTI file did not load, when it is truncation: 'truncated or corrupt (...)' or None."""
+def _diagnose_nifti(path: Path, need: int = 348) -> str | None:
+    """Why a NIfTI file did not load, when it is truncation: 'truncated or corrupt (...)' or None.
+
+    ``need``: the bytes a complete (uncompressed) file holds (348 = the header alone).
+    """
     if path.name.lower().endswith(".gz"):
         try:
             with gzip.open(path, "rb") as fh:
@@ -214,6 +221,8 @@ def _diagnose_nifti(path: Path) -> str | None:
         n = path.stat().st_size
     if n < 348:
         return f"truncated or corrupt (only {n} bytes; a NIfTI header alone is 348)"
+    if n < need:
+        return f"truncated (it holds {n} bytes of the {need} its header announces)"
     return None
 
 

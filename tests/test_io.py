@@ -122,6 +122,10 @@ def test_t1_truncated_4d_nan_blank_no_orientation(tmp_path):
     (tmp_path / "trunc.nii.gz").write_bytes(full[: len(full) // 2])
     with pytest.raises(ImageError, match="T1 file is truncated or corrupt"):
         load_t1(tmp_path / "trunc.nii.gz")
+    raw = save_nifti(data, np.eye(4), tmp_path / "full.nii").read_bytes()
+    (tmp_path / "trunc.nii").write_bytes(raw[:-100])
+    with pytest.raises(ImageError, match=r"T1 file is truncated \(it holds 16636 bytes of the 16736 its header announces\)"):
+        load_t1(tmp_path / "trunc.nii")
     save_nifti(np.zeros((4, 4, 4, 3), np.float32), np.eye(4), tmp_path / "4d.nii.gz")
     with pytest.raises(ImageError, match=r"T1 is 4D with shape \(4, 4, 4, 3\)"):
         load_t1(tmp_path / "4d.nii.gz")
