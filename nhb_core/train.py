@@ -858,7 +858,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         stop = cfg.patience > 0 and bad_epochs >= cfg.patience
         if dinfo.is_main:
             if improved:
-                save_weights(model, out / "model.safetensors", metadata={"model": model_name, "epoch": str(epoch)})
+                save_weights(model, out / "model.safetensors")
             _write_history(out / "history.csv", history)
             _save_checkpoint(ckpt_path, {
                 "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "model_name": model_name,
