@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 8, "batch_size": 32, "seed": None},
     "evaluate": {"aggregate": "mean", "batch_size": 128},
     "stats": {"n_boot": 1000},
-    "saliency": {"n_cases": 4, "method": "gradcam", "enabled": True},
+    "saliency": {"n_cases": 4, "method": "gradcam", "faithfulness": False, "enabled": True},
     "report": {"enabled": True},
 }
 

@@ -187,25 +187,21 @@ def _file_signature(paths: list[str]) -> str:
 
 
 def _referenced_files(manifest: Path) -> list[str]:
-    import pandas as pd
+    """The T1/ROI files a manifest points to (empty when it cannot be read: validation says why)."""
+    from nhb_core.manifest import load_manifest
 
     try:
-        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except Exception:  # unreadable: validation will say why
+        df = load_manifest(manifest).df
+    except Exception:  # noqa: BLE001 - an unreadable manifest is reported by the validate stage
         return []
     files: list[str] = []
     for col in ("t1_path", "roi_path"):
-        if col in df.columns:
-            for v in df[col]:
-                if not v:
-                    continue
-                p = Path(v)
-                if not p.is_absolute():
-                    p = manifest.parent / p
-                if p.is_dir():
-                    files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file())
-                else:
-                    files.append(str(p))
+        for v in df.get(col, []):
+            p = Path(str(v))
+            if p.is_dir():
+                files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file())
+            else:
+                files.append(str(p))
     return files
 
 
@@ -357,7 +353,7 @@ class _Study:
                 if not resume and mdir.exists():
                     shutil.rmtree(mdir)  # another config's leftovers
                 if int(cfg.get("n_gpus") or 1) > 1:
-                    self._train_torchrun(name, mdir, split_path, tcfg, resume)
+                    self._train_torchrun(name, mdir, split_path, tkw, resume)
                 else:
                     from nhb_core.train import train_model
                     train_model(ds_dir, split_path, name, mdir, TrainConfig(**tkw),
@@ -382,9 +378,10 @@ class _Study:
                 shutil.rmtree(pred_dir)
             for name in cfg["models"]:
                 self.status("evaluate", name)
-                kw: dict[str, Any] = {"aggregate": ecfg.get("aggregate", "mean")}
                 evaluate_model(rd / "models" / name, ds_dir, split_path, pred_dir,
-                               progress=_tag(self.progress, "evaluate", model=name), **kw)
+                               aggregate=ecfg.get("aggregate", "mean"), batch_size=int(ecfg.get("batch_size", 128)),
+                               device=str(cfg.get("device") or "auto"), model_name=name,
+                               progress=_tag(self.progress, "evaluate", model=name))
 
         self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, ecfg]), preds_sha, do_evaluate)
         pred_sha = self.cache.get("evaluate")["output_sha256"]
@@ -438,25 +435,53 @@ class _Study:
         atomic_write_text(cfg_file, to_yaml(tcfg))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                "-m", "nhb_core", "train", "--dataset", str(self.dataset_dir), "--split", str(split_path),
-               "--model", name, "--out", str(mdir), "--config", str(cfg_file)]
+               "--model", name, "--out", str(mdir), "--config", str(cfg_file), "--no-progress"]
         if resume:
             cmd.append("--resume")
         self.log("torchrun: " + " ".join(cmd))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                tail = (tail + [line.rstrip()])[-20:]
-            rc = proc.wait()
-        except BaseException:
-            proc.terminate()
-            proc.wait(timeout=30)
-            raise
+        log_path = self.run_dir / "models" / f".{name}.torchrun.log"
+        ev_path = mdir / "events.jsonl"
+        offset = ev_path.stat().st_size if ev_path.exists() else 0
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                while True:
+                    rc = proc.poll()
+                    offset = self._forward_events(ev_path, offset, name)
+                    if rc is not None:
+                        break
+                    time.sleep(1.0)
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
         if rc != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
             last = next((t for t in reversed(tail) if t.startswith("error:")), tail[-1] if tail else "")
             raise RunError(mdir, f"distributed training of {name} failed (exit {rc}): {last}",
-                           f"See {self.run_dir / 'log.txt'}; rerun with n_gpus: 1 to train on one device")
+                           f"See {log_path}; or set n_gpus: 1 to train in one process")
+
+    def _forward_events(self, ev_path: Path, offset: int, name: str) -> int:
+        """Forward complete new lines of a model's events.jsonl to the study's progress; new offset."""
+        if not ev_path.exists() or self.progress is None:
+            return offset
+        with open(ev_path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            ev.pop("t", None)
+            ev["stage"] = "train"
+            ev["model"] = name
+            self.progress(ev)
+        return offset + end
 
     def _write_metrics(self, metrics_path: Path, ds_dir: Path, split_path: Path, pred_dir: Path,
                        hashes: dict[str, Any]) -> None:
@@ -507,12 +532,95 @@ class _Study:
         atomic_write_json(metrics_path, metrics)
 
     def _saliency(self, sal_dir: Path, ds_dir: Path, split_path: Path, sal_cfg: dict[str, Any]) -> None:
-        from nhb_core import saliency
+        saliency_overview(self.run_dir, self.cfg["models"], sal_dir, n_cases=int(sal_cfg.get("n_cases", 4)),
+                          method=sal_cfg.get("method", "gradcam"), seed=int(self.cfg["seed"]),
+                          with_faithfulness=bool(sal_cfg.get("faithfulness", True)),
+                          progress=_tag(self.progress, "saliency"))
 
-        sal_dir.mkdir(parents=True, exist_ok=True)
-        saliency.saliency_summary(self.run_dir, models=self.cfg["models"], n_cases=int(sal_cfg.get("n_cases", 4)),
-                                  method=sal_cfg.get("method", "gradcam"), out_dir=sal_dir,
-                                  progress=_tag(self.progress, "saliency"))
+
+def _pick_cases(subj: "Any", slices: "Any", model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
+    """Cases for the Grad-CAM gallery: about half confident correct calls (both classes), half the
+    most confident errors (subject-level call vs the model's threshold); one slice per subject (the
+    slice whose probability is closest to the subject's)."""
+    d = subj.copy()
+    d["pred"] = (d[model] >= thr).astype(int)
+    d["correct"] = d["pred"] == d["label"].astype(int)
+    d["margin"] = (d[model] - thr).abs()
+    wrong = d[~d["correct"]].sort_values(["margin", "subject_id"], ascending=[False, True]).head(n_cases // 2)
+    right = d[d["correct"]].sort_values(["margin", "subject_id"], ascending=[False, True])
+    n_right = n_cases - len(wrong)
+    by_label = [right[right["label"] == k] for k in (1, 0)]
+    picks = []
+    i = 0
+    while len(picks) < n_right and any(len(b) > i for b in by_label):
+        for b in by_label:
+            if len(b) > i and len(picks) < n_right:
+                picks.append(b.iloc[i])
+        i += 1
+    out = []
+    for r in picks + [r for _, r in wrong.iterrows()]:
+        sl = slices[slices["subject_id"].astype(str) == str(r["subject_id"])]
+        if not len(sl):
+            continue
+        z = int(sl.iloc[int((sl[model] - r[model]).abs().to_numpy().argmin())]["slice_index"])
+        out.append({"subject_id": str(r["subject_id"]), "slice_index": z, "label": int(r["label"]),
+                    "prob": float(r[model]), "correct": bool(r["correct"]), "center": str(r.get("center", ""))})
+    return out
+
+
+def saliency_overview(run_dir: Path, models: list[str], out_dir: Path, n_cases: int = 4,
+                      method: str = "gradcam", set_name: str = "test", seed: int = 0,
+                      with_faithfulness: bool = True,
+                      progress: Optional[ProgressCallback] = None) -> Path:
+    """The study's saliency stage, over :mod:`nhb_core.saliency`.
+
+    Per model: attention means over ``2 * n_cases`` cases of ``set_name``
+    (:func:`nhb_core.saliency.saliency_summary`: energy in the GP ROI, pointing game, ROAD
+    faithfulness vs random maps), and a gallery of ``n_cases`` correct and wrong subject-level
+    calls (:func:`nhb_core.saliency.cam_for_case`, cached) as PNG overlays. Writes
+    ``out_dir/summary.json``::
+
+        {"method", "set", "models": {m: {"summary": {"n", "energy_in_roi", "pointing_hit_rate",
+                                                     "faithfulness", "random_baseline", "faithfulness_gain"},
+                                         "cases": [{"subject_id", "slice_index", "label", "prob" (subject),
+                                                    "slice_prob", "correct", "set", "png", "roi_energy", "pointing"}]}}}
+
+    plus ``out_dir/cases.csv`` (the summary's per-case table) and ``out_dir/gallery/<k>/<j>.png``
+    (file names never come from user strings).
+    """
+    import pandas as pd
+
+    from nhb_core import saliency as S
+    from nhb_core.fileio import atomic_write_bytes, atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = S.saliency_summary(run_dir, models=list(models), set_name=set_name, method=method,
+                               n_cases=max(2 * n_cases, 2), seed=seed, with_faithfulness=with_faithfulness,
+                               progress=progress)
+    atomic_write_text(out_dir / "cases.csv", table.to_csv(index=False))
+    means = S.saliency_means(table)
+    stem = set_name.replace(":", "_")
+    subj = pd.read_csv(run_dir / "predictions" / f"{stem}__subjects.csv", dtype={"subject_id": str})
+    slices = pd.read_csv(run_dir / "predictions" / f"{stem}__slices.csv", dtype={"subject_id": str})
+    out: dict[str, Any] = {"method": method, "set": set_name, "models": {}}
+    for k, m in enumerate(models):
+        mj = read_json(run_dir / "models" / m / "model.json")
+        cases = _pick_cases(subj, slices, m, float(mj.get("threshold", 0.5)), n_cases)
+        for j, c in enumerate(cases):
+            emit(progress, "saliency", model=m, message=f"gallery {j + 1}/{len(cases)}")
+            r = S.cam_for_case(run_dir, m, set_name, c["subject_id"], c["slice_index"], method=method)
+            rel = f"gallery/{k:02d}/{j:02d}.png"
+            atomic_write_bytes(out_dir / rel, S.overlay_png(r["image"][0], r["cam"], r["roi"]))
+            e = r.get("energy_in_roi")
+            c.update({"set": set_name, "png": rel, "slice_prob": float(r["prob"]),
+                      "roi_energy": None if e is None or e != e else float(e),
+                      "pointing": bool(r.get("pointing_hit"))})
+        row = means[means["model"] == m]
+        summary = {col: (None if pd.isna(row.iloc[0][col]) else float(row.iloc[0][col]))
+                   for col in means.columns if col != "model"} if len(row) else {}
+        out["models"][m] = {"summary": summary, "cases": cases}
+    atomic_write_json(out_dir / "summary.json", out)
+    return out_dir / "summary.json"
 
 
 def _stats_kwargs(fn: Callable, scfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
