@@ -193,6 +193,10 @@ def _read_table(path: Path, col: _Collector) -> tuple[list[str], list[tuple[int,
         col.add("manifest is a folder, not a CSV file", "Give the path of the manifest .csv file")
         return None
     raw = path.read_bytes()
+    if raw.startswith(b"PK\x03\x04") or raw.startswith(b"\xd0\xcf\x11\xe0"):
+        col.add("file is a spreadsheet workbook (.xlsx/.xls), not a CSV text file",
+                "In Excel use Save As > 'CSV UTF-8 (Comma delimited)' and give that .csv file")
+        return None
     if raw.startswith(b"\xff\xfe") or raw.startswith(b"\xfe\xff"):
         col.add("file is UTF-16 text, not UTF-8", _FIX_UTF8)
         return None
