@@ -60,3 +60,17 @@ def cohort_case(run: Path, subject_id: str | None = None) -> tuple[Path, Path, s
     man = pd.read_csv(cohort / "manifest.csv", dtype={"subject_id": str})
     row = man.iloc[0] if subject_id is None else man[man["subject_id"] == subject_id].iloc[0]
     return cohort / row["t1"], cohort / row["roi"], str(row["subject_id"])
+
+
+def shared_run(tmp_path_factory) -> Path:
+    """One :func:`build_run` per test session (per worker), shared by the test modules that use it."""
+    root = Path(tmp_path_factory.getbasetemp()) / "fake_run_shared"
+    done = root / "BUILT"
+    if not done.exists():
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        build_run(root)
+        done.write_text("ok\n")
+    return root / "run"

@@ -233,9 +233,9 @@ def test_overlay_png():
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
-    from fake_run import build_run
+    from fake_run import shared_run
 
-    return build_run(tmp_path_factory.mktemp("sal_run"))
+    return shared_run(tmp_path_factory)
 
 
 def test_cam_for_case_cached(fake_run):
