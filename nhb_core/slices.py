@@ -755,6 +755,19 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     finally:
         memo.save()
 
+    # every subject came from the cache and nothing else changed (e.g. DICOM folders, which
+    # the memo does not cover): leave the outputs as they are
+    if n_computed == 0 and _outputs_present(out):
+        keys = [r["key"] for r in results if r is not None]
+        state = _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)
+        try:
+            old = read_json(out / "prepare.json")
+        except (OSError, ValueError):
+            old = {}
+        if old.get("state_sha256") == state:
+            emit(progress, "prepare", done=n, total=n, message="unchanged (cache)")
+            return out
+
     # assemble
     rows = []
     images_list, masks_list = [], []

@@ -206,7 +206,31 @@ def test_tiny_cohort_keeps_both_classes_where_possible():
 
 
 def run_cli(*args):
+    """The CLI as a user runs it (own process)."""
     return subprocess.run([sys.executable, "-m", "nhb_core", *args], capture_output=True, text=True)
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture()
+def cli(capsys):
+    """The CLI in this process (same entry point and error policy, no interpreter start-up)."""
+    from nhb_core.cli import main
+
+    def _run(*args):
+        capsys.readouterr()
+        try:
+            main(list(args))
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return _Result(rc, out, err)
+
+    return _run
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +258,14 @@ def dataset_dir(tmp_path_factory) -> Path:
     return prepare(root / "manifest.csv", root / "ds", PrepareConfig(size=16, min_roi_voxels=5), workers=1)
 
 
-def test_cli_split_and_audit(dataset_dir, tmp_path):
+def test_cli_split_and_audit(dataset_dir, tmp_path, cli):
     out = tmp_path / "split.json"
-    r = run_cli("split", "--dataset", str(dataset_dir), "--out", str(out), "--seed", "1", "--folds", "2")
+    r = cli("split", "--dataset", str(dataset_dir), "--out", str(out), "--seed", "1", "--folds", "2")
     assert r.returncode == 0, r.stderr
     sp = load_split(out)
     assert sp["unit"] == "subject" and not sp["leaky"] and len(sp["folds"]) == 2
     assert all(not s.__contains__("#") for s in sp["sets"]["train"])
-    r = run_cli("audit", "--dataset", str(dataset_dir), "--split", str(out))
+    r = cli("audit", "--dataset", str(dataset_dir), "--split", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "clean" in r.stdout and "external:B" in r.stdout
 
@@ -260,10 +284,10 @@ def test_cli_slice_mode_warns_and_audit_fails(dataset_dir, tmp_path):
     assert "LEAK" in r.stdout and "LEAKY" in r.stderr
 
 
-def test_cli_errors_are_one_line(dataset_dir, tmp_path):
+def test_cli_errors_are_one_line(dataset_dir, tmp_path, cli):
     r = run_cli("split", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "s.json"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    r = run_cli("split", "--dataset", str(dataset_dir), "--out", str(tmp_path / "s.json"), "--dev-centers", "Z")
+    r = cli("split", "--dataset", str(dataset_dir), "--out", str(tmp_path / "s.json"), "--dev-centers", "Z")
     assert r.returncode == 2 and "Z" in r.stderr
-    r = run_cli("audit", "--dataset", str(dataset_dir), "--split", str(tmp_path / "missing.json"))
-    assert r.returncode == 2
+    r = cli("audit", "--dataset", str(dataset_dir), "--split", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "missing.json" in r.stderr
