@@ -250,3 +250,27 @@ def test_roi_on_dicom_t1(tmp_path):
     save_nifti(o.apply_orientation(roi, t), t1.affine @ o.inv_ornt_aff(t, roi.shape), tmp_path / "roi_lps.nii.gz")
     m2 = load_roi(tmp_path / "roi_lps.nii.gz", reference=t1)
     np.testing.assert_array_equal(m2.data, m.data)
+
+
+def test_manifest_with_shared_dicom_t1(shared_dir, tmp_path):
+    """A manifest row whose t1 is the real DICOM folder and whose ROI was drawn on it validates."""
+    from nhb_core.manifest import validate_manifest
+
+    folder = shared_dir / SERIES
+    if not folder.is_dir():
+        pytest.skip("shared DICOM series absent")
+    t1 = load_t1(folder)
+    roi = np.zeros(t1.shape, np.uint8)
+    roi[10:12, 120:124, 120:124] = 1
+    roi[22:24, 120:124, 120:124] = 2
+    save_nifti(roi, t1.affine, tmp_path / "roi.nii.gz")
+    save_nifti(roi[:, :, :-1], t1.affine, tmp_path / "roi_bad.nii.gz")
+    (tmp_path / "manifest.csv").write_text(
+        "subject_id,center,t1,roi,label\n"
+        f"D1,A,{folder},roi.nii.gz,1\n"
+        f"D2,A,{folder},roi_bad.nii.gz,0\n")
+    rep = validate_manifest(tmp_path / "manifest.csv")
+    assert [p.row for p in rep.problems] == [3]
+    assert "ROI mask shape (35, 256, 255) differs from the T1 shape (35, 256, 256) of siemens_t1" in rep.problems[0].problem
+    assert [w.row for w in rep.warnings] == [3]  # the same T1 on two rows
+    assert all("crlab" not in p.line() for p in rep.problems + rep.warnings)
