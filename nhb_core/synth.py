@@ -63,7 +63,7 @@ VARIANT_RANGE = (0.015, 0.05)
 GP_BIO_SD = 0.022  # biological subject-to-subject variation of the normal GP signal
 # readers: read = 1 if visible + shared + own noise > threshold  (units: fraction of fat signal)
 READER_SHARED_SD = 0.020
-READERS = {"reader_1": {"threshold": 0.098, "sd": 0.018}, "reader_2": {"threshold": 0.092, "sd": 0.024}}
+READERS = {"reader_1": {"threshold": 0.100, "sd": 0.030}, "reader_2": {"threshold": 0.097, "sd": 0.035}}
 
 
 @dataclass(frozen=True)
