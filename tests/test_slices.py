@@ -304,11 +304,14 @@ def test_cache_unchanged_changed_file_changed_option(cohort, tmp_path, monkeypat
         assert "unchanged" in events[-1]["message"]
     assert (out / "prepare.json").stat().st_mtime_ns == mtime
 
-    # a touched (same bytes) file is rehashed but not recomputed
+    # a touched (same bytes) file is rehashed, hits the cache, and nothing is rewritten
     t1_s0 = cohort.parent / "images" / "s0_t1.nii.gz"
     os.utime(t1_s0, ns=(mtime + 10**9, mtime + 10**9))
-    prepare(cohort, out, cfg, workers=1)
-    assert read_json(out / "prepare.json")["n_computed"] == 0
+    events = []
+    prepare(cohort, out, cfg, workers=1, progress=events.append)
+    assert "unchanged" in events[-1]["message"]
+    assert any("(cached)" in e.get("message", "") for e in events)
+    assert (out / "prepare.json").stat().st_mtime_ns == mtime
 
     # one changed T1: only that subject recomputed, others from the cache
     old = load_dataset(out, mmap=False)
