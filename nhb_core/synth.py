@@ -768,9 +768,14 @@ def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        try:
             for i, r in enumerate(ex.map(_write_subject, jobs, chunksize=2), 1):
                 emit(progress, "synth", done=i, total=total, eta_s=eta.eta(i, total), message=r["subject_id"])
+        except BaseException:  # a failing worker or a cancelling progress callback: stop the rest now
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
 
     # tables
     man = df.copy()

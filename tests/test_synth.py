@@ -275,3 +275,16 @@ def test_roi_dice_against_true_gp(paper_a_measures):
 def test_simple_baseline_auc_center_a(paper_a_measures):
     auc = synth.auc_score(paper_a_measures.label, paper_a_measures.ratio)
     assert 0.70 <= auc <= 0.90
+
+
+def test_cancelling_progress_stops_and_writes_no_manifest(tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    def cancel(ev):
+        if ev.get("done", 0) >= 1:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        synth.synthesize(tmp_path, preset="small", seed=0, n={"A": (2, 2)}, workers=2, progress=cancel)
+    assert not (tmp_path / "manifest.csv").exists()
