@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -504,7 +504,8 @@ def render_subject(subject, center: Optional[str] = None, seed: int = 0, index: 
     g = np.full(img.shape, 100.0, dtype=np.float32)
     g[shell] = _sulcal_field(dx[shell], dy[shell], dz[shell], r[shell], pose_d["sulci_seed"])
     g /= np.maximum(_soft(depth_lim - d_cer, 1.5), np.float32(1e-2))  # sulci taper off at their depth
-    fis_zone = np.clip(_soft(dz - np.float32(12.0), 2.0) + _soft(np.abs(dy + np.float32(2.0)) - np.float32(33.0), 2.0), 0, 1)
+    fis_zone = np.clip(_soft(dz - np.float32(12.0), 2.0)
+                       + _soft(np.abs(dy + np.float32(2.0)) - np.float32(33.0), 2.0), 0, 1)
     g_fis = np.abs(hx) + (1.0 - fis_zone) * np.float32(100.0)
     np.minimum(g, g_fis, out=g)
     del g_fis, fis_zone, shell, dx, dy, r
@@ -846,10 +847,6 @@ def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
     return {"gp_true": vols["gp_true"], "affine": vols["affine"], **{k: subj[k] for k in _TRUTH_COLUMNS}}
 
 
-__all__ = ["synthesize", "draw_cohort", "render_subject", "subject_truth", "render_montage", "oracle_probability", "gp_signal",
-           "auc_score", "center_affine", "PRESETS", "SCANNERS", "GENERATOR_VERSION"]
-
-
 def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
     """Write a PNG montage of axial slices through the GP: one row per center, a control and an
     injured neonate, each as the whole slice and as a 64 mm zoom on the basal ganglia.
@@ -897,3 +894,8 @@ def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
     with atomic_path(out) as tmp:
         Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG", optimize=True)
     return out
+
+
+__all__ = ["synthesize", "draw_cohort", "render_subject", "subject_truth", "render_montage",
+           "oracle_probability", "gp_signal", "auc_score", "center_affine", "PRESETS", "SCANNERS",
+           "GENERATOR_VERSION"]

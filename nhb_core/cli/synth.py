@@ -12,12 +12,16 @@ from nhb_core.cli import app
 
 @app.command("synth")
 def synth_command(
-    out: Path = typer.Option(..., "--out", help="Folder to write (manifest.csv, cohort.json, truth.csv, images/)."),
-    preset: str = typer.Option("paper", "--preset", help="paper (A 106+119, B 34+18 subjects) or small (A 8+8, B 5+5)."),
+    out: Path = typer.Option(..., "--out",
+                             help="Folder to write (manifest.csv, cohort.json, truth.csv, images/)."),
+    preset: str = typer.Option("paper", "--preset",
+                               help="paper (A 106+119, B 34+18 subjects) or small (A 8+8, B 5+5)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; equal seeds give byte-identical files."),
-    n: Optional[int] = typer.Option(None, "--n", help="Total number of subjects instead of the preset's (split like it)."),
+    n: Optional[int] = typer.Option(None, "--n",
+                                    help="Total number of subjects instead of the preset's (split like it)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: up to 2)."),
-    truth: bool = typer.Option(False, "--truth", help="Also write the true GP masks under truth/ (never in the manifest)."),
+    truth: bool = typer.Option(False, "--truth",
+                               help="Also write the true GP masks under truth/ (never in the manifest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write a synthetic two-center neonatal T1WI cohort (NIfTI volumes, GP masks, manifest.csv)."""
