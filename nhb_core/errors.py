@@ -48,6 +48,10 @@ class NHBError(Exception):
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.line()
 
+    def __reduce__(self):
+        # picklable (errors raised in worker processes reach the parent intact)
+        return (self.__class__, (self.file, self.problem, self.fix, self.row))
+
 
 class InputError(NHBError):
     """A file or argument the user gave is missing, unreadable or malformed."""

@@ -348,11 +348,14 @@ def test_bad_inputs_name_the_file(tmp_path):
     A = centred_affine(np.eye(3), shape)
     t1, roi = write_subject(tmp_path / "images", "e", A, shape)
     nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), A), tmp_path / "images" / "empty_roi.nii.gz")
-    man = write_manifest(tmp_path, [{"subject_id": "e", "center": "A", "label": 1, "t1": t1,
+    man = write_manifest(tmp_path, [{"subject_id": "ok", "center": "A", "label": 0, "t1": t1, "roi": roi},
+                                    {"subject_id": "e", "center": "A", "label": 1, "t1": t1,
                                      "roi": "images/empty_roi.nii.gz"}])
-    with pytest.raises(ImageError) as ei:
-        prepare(man, tmp_path / "ds", PrepareConfig(size=16), workers=1)
-    assert "empty_roi" in ei.value.line()
+    for workers in (1, 2):  # the error crosses the process boundary intact
+        with pytest.raises(ImageError) as ei:
+            prepare(man, tmp_path / "ds", PrepareConfig(size=16), workers=workers)
+        assert "empty_roi" in ei.value.line()
+    assert not (tmp_path / "ds" / "prepare.json").exists()
     with pytest.raises(DatasetError):
         load_dataset(tmp_path / "nothing")
 
