@@ -77,7 +77,7 @@ def predict_slices(model, images, batch_size: int = 256, device: str = "cpu", am
     with torch.no_grad():
         for i in range(0, n, max(1, int(batch_size))):
             chunk = images[i:i + batch_size]
-            x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+            x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk, dtype=np.float32))
             x = x.to(dev, dtype=torch.float32, non_blocking=True)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
