@@ -545,16 +545,21 @@ def _check_row_images(r: dict) -> list[tuple[str, str, str]]:
     found = []
     t1 = None
     t1_path, roi_path = r.get("t1_path") or "", r.get("roi_path") or ""
+    bug_fix = "Check the file; if it opens elsewhere, report this message as a bug"
     if t1_path and Path(t1_path).exists():
         try:
             t1 = load_t1(t1_path)
         except NHBError as err:
             found.append(("t1", f"t1 {r['t1']}: {err.problem}", err.fix))
+        except Exception as err:  # an unforeseen failure still ends up in the list, not as a crash
+            found.append(("t1", f"t1 {r['t1']}: unexpected error while reading ({type(err).__name__}: {err})", bug_fix))
     if roi_path and Path(roi_path).is_file():
         try:
             load_roi(roi_path, reference=t1)
         except NHBError as err:
             found.append(("roi", f"roi {r['roi']}: {err.problem}", err.fix))
+        except Exception as err:
+            found.append(("roi", f"roi {r['roi']}: unexpected error while reading ({type(err).__name__}: {err})", bug_fix))
     return found
 
 
