@@ -16,7 +16,7 @@ Public API
 - :func:`synthesize` writes a cohort folder (``manifest.csv``, ``cohort.json``,
   ``truth.csv``, ``images/*.nii.gz``).
 - :func:`draw_cohort` draws the tabular part only (labels, NBNA, reads,
-  covariates, latent severity, oracle probability): no images, milliseconds.
+  covariates, latent severity, oracle probability): no images, well under a second for the paper preset.
 - :func:`render_subject` renders one subject's volumes in memory (T1, rater
   ROI, true GP), :func:`subject_truth` regenerates a written subject's truth.
 

@@ -3,7 +3,7 @@ and the statistical properties the rest of the project relies on.
 
 Statistics that need the full paper cohort are checked cheaply: the tabular part
 (labels, NBNA, reads, covariates, latent severity) of the whole paper preset is
-drawn without images (`draw_cohort`, milliseconds), and the image baseline and
+drawn without images (`draw_cohort`, under a second), and the image baseline and
 ROI Dice are measured on the center-A volumes rendered in memory
 (`render_subject`, the exact arrays `synthesize` writes; no gzip), in two
 processes. See docs/synth.md.
