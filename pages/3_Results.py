@@ -23,12 +23,19 @@ runs = ui.page("Results")
 st.title("Results")
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+# Figures are cached as objects (st.cache_resource, keyed on the files' mtime): a plotly
+# Figure costs ~0.3 s to unpickle or re-validate, which st.cache_data would pay on every rerun.
+# They are never mutated after creation.
+@st.cache_resource(show_spinner=False, max_entries=128)
 def roc_fig(mkey: tuple, set_name: str, level: str):
-    return figures.roc_figure(ui.metrics(Path(mkey[0]).parent), set_name, level, height=430)
+    fig = figures.roc_figure(ui.metrics(Path(mkey[0]).parent), set_name, level)
+    # legend under the square plot so narrow panels keep a readable 0-1 axis
+    fig.update_layout(height=640, legend=dict(orientation="v", x=0, y=-0.16, xanchor="left", yanchor="top",
+                                              bgcolor="rgba(0,0,0,0)"), margin=dict(l=50, r=10, t=50, b=10))
+    return fig
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
     run_dir = Path(mkey[0]).parent
     m = ui.metrics(run_dir) or {}
@@ -38,7 +45,7 @@ def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
             figures.decision_curve_figure(m, set_name, level, pred=pred))
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def train_fig(keys: tuple, run: str):
     run_dir = Path(run)
     models = dd.run_models(run_dir)
@@ -78,12 +85,7 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     for i in range(0, len(sets), per_row):
         cols = st.columns(per_row)
         for c, s in zip(cols, sets[i:i + per_row]):
-            fig = roc_fig(mkey, s, level)
-            # legend under the square plot so narrow panels keep a readable 0-1 axis
-            fig.update_layout(height=640, legend=dict(orientation="v", x=0, y=-0.16, xanchor="left", yanchor="top",
-                                                      bgcolor="rgba(0,0,0,0)"),
-                              margin=dict(l=50, r=10, t=50, b=10))
-            c.plotly_chart(fig, key=f"{kp}roc_{s}_{level}", width="stretch")
+            c.plotly_chart(roc_fig(mkey, s, level), key=f"{kp}roc_{s}_{level}", width="stretch")
 
     st.markdown("#### AUC (95% CI) and threshold metrics")
     tab = dd.auc_table(m, level)
