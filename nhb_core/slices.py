@@ -243,7 +243,8 @@ def intensity_stats(data: np.ndarray, config: PrepareConfig) -> tuple[float, flo
 
     ``normalised = (raw - offset) / scale``; ``background`` is the raw value used
     to pad crops outside the image (the volume's minimum). The head mask is every
-    voxel above ``background + head_threshold * (p99.5 - background)``; the
+    voxel above ``background + head_threshold * (p99.5 - background)`` (every voxel
+    above the minimum when that leaves under 10% of the volume); the
     percentiles / mean and std are taken inside it, over a regular sample of at
     most :data:`STATS_MAX_SAMPLES` voxels (deterministic).
     """
@@ -257,6 +258,10 @@ def intensity_stats(data: np.ndarray, config: PrepareConfig) -> tuple[float, flo
     background = float(np.nanmin(flat)) if step > 1 else float(sample.min())
     robust_max = float(np.percentile(sample, 99.5))
     head = sample[sample > background + config.head_threshold * (robust_max - background)]
+    if head.size < 0.1 * sample.size:
+        # no air around the head (a cropped field of view) and a bright minority above p99.5:
+        # every voxel above the minimum is head
+        head = sample[sample > background]
     if head.size < 10:
         raise ImageError(None, "the T1 volume is (almost) constant, no head found",
                          "Check that the T1 file holds an image")
