@@ -220,15 +220,20 @@ def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
                "models": ", ".join(s["models"]), "sets": ", ".join(set_label(x) for x in s["sets"]),
                "leakage": ("LEAKY (slice split)" if s["leaky"] else "no") if s["leaky"] is not None else "",
                "created": s["created"], "error": s["error"]}
-        for (set_name, model), auc in sorted(s["auc"].items(), key=lambda kv: (sort_sets([kv[0][0]]), kv[0][1])):
-            row[f"AUC {set_label(set_name)} {model}"] = round(auc, 3)
+        order = {m: i for i, m in enumerate(s["models"])}
+        for set_name in s["sets"]:
+            if set_name == "val":  # model selection set, not a test set
+                continue
+            for (sn, model), auc in sorted(s["auc"].items(), key=lambda kv: order.get(kv[0][1], 99)):
+                if sn == set_name:
+                    row[f"AUC {set_label(set_name)} {model}"] = round(auc, 3)
         rows.append(row)
     cols = ["name", "status", "stage", "models", "sets", "leakage", "created", "error"]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=cols)
-    auc_cols = [c for c in df.columns if c.startswith("AUC ")]
-    return df[cols[:6] + auc_cols + cols[6:]]
+    auc_cols = [c for c in df.columns if c.startswith("AUC ")]  # first-seen order: set, then model
+    return df[cols[:5] + auc_cols + cols[5:]]
 
 
 def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
