@@ -616,7 +616,8 @@ def saliency_overview(run_dir: Path, models: list[str], out_dir: Path, n_cases: 
                       "roi_energy": None if e is None or e != e else float(e),
                       "pointing": bool(r.get("pointing_hit"))})
         row = means[means["model"] == m]
-        summary = {col: (None if pd.isna(row.iloc[0][col]) else float(row.iloc[0][col]))
+        summary = {col: (None if pd.isna(row.iloc[0][col]) else
+                         int(row.iloc[0][col]) if col == "n" else float(row.iloc[0][col]))
                    for col in means.columns if col != "model"} if len(row) else {}
         out["models"][m] = {"summary": summary, "cases": cases}
     atomic_write_json(out_dir / "summary.json", out)
@@ -675,7 +676,7 @@ def cohort_summary(ds_dir: Path, split: Mapping[str, Any]) -> dict[str, Any]:
 
     subjects = pd.read_csv(ds_dir / "subjects.csv")
     index = pd.read_csv(ds_dir / "index.csv")
-    skip = {"subject_id", "center", "label", "t1_path", "roi_path", "row"}
+    skip = {"subject_id", "center", "label", "t1_path", "roi_path", "row", "manifest_row", "n_slices", "t1", "roi"}
     rows = []
     covs = [c for c in subjects.columns if c not in skip and not c.startswith("reader_")
             and not c.endswith("_path") and not c.endswith("sha256")]
