@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from nhb_core import jobs  # noqa: E402
 from nhb_core.runs import list_runs, read_status  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # dashboard_ui.py lives next to app.py
+    sys.path.insert(0, str(REPO))
 PAGES = ["pages/1_Cohort.py", "pages/2_Launch.py", "pages/3_Results.py", "pages/4_Saliency.py", "pages/5_Predict.py"]
 EVIL = "<script>alert(1)</script>"
 
@@ -204,3 +207,64 @@ def test_cancel_button_stops_a_running_study(env, small_cohort, tiny_study_confi
     assert not jobs.is_alive(pid)
     at.run()
     assert any("long" in m.value and "cancelled" in m.value for m in at.markdown)
+
+
+# ----------------------------------------------------------------- plain helpers of the pages
+def test_save_upload_uses_content_not_names(tmp_path):
+    import gzip
+    import io
+    import zipfile
+
+    from nhb_core import dashboard_data as dd
+    from nhb_core.errors import ImageError
+
+    p = dd.save_upload(gzip.compress(b"x" * 400), "../../etc/passwd", tmp_path, "t1")
+    assert p == tmp_path / "t1.nii.gz"
+    hdr = (348).to_bytes(4, "little") + b"\0" * 400
+    assert dd.save_upload(hdr, "a b.nii", tmp_path, "roi", allow_zip=False) == tmp_path / "roi.nii"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../evil.dcm", b"a")
+        zf.writestr("/abs/two.dcm", b"b")
+        zf.writestr("series/", b"")
+        zf.writestr("__MACOSX/._x", b"junk")
+    sub = tmp_path / "z"
+    sub.mkdir()
+    out = dd.save_upload(buf.getvalue(), "patient name.zip", sub, "t1")
+    assert out == sub / "t1_dicom"
+    assert sorted(f.name for f in out.iterdir()) == ["00001.dcm", "00002.dcm"]
+    assert not (tmp_path / "evil.dcm").exists() and not list(sub.glob("*.dcm"))
+    with pytest.raises(ImageError) as e:
+        dd.save_upload(b"hello", f"{EVIL}.nii", tmp_path, "t1")
+    assert "\n" not in e.value.line() and EVIL in e.value.line()
+    with pytest.raises(ImageError):
+        dd.save_upload(buf.getvalue(), "roi.zip", sub, "roi", allow_zip=False)
+
+
+def test_progress_rows_from_events(tmp_path):
+    from nhb_core import dashboard_data as dd
+    from nhb_core.runs import append_event, write_status
+
+    run = tmp_path / "r"
+    write_status(run, "running", stage="train")
+    append_event(run, {"t": "2026-01-01T00:00:00+00:00", "stage": "prepare", "done": 1, "total": 1})
+    append_event(run, {"t": "2026-01-01T00:00:10+00:00", "stage": "train", "model": "resnet18", "epoch": 1,
+                       "epochs": 4, "step": 0, "steps": 10})
+    append_event(run, {"t": "2026-01-01T00:00:30+00:00", "stage": "train", "model": "resnet18", "epoch": 2,
+                       "epochs": 4, "step": 5, "steps": 10, "metrics": {"loss": 0.5}})
+    with open(run / "events.jsonl", "a") as fh:
+        fh.write('{"t": "2026-01-01T00:00:31", "stage": "tra')  # a torn last line
+    rows = dd.progress_rows(run)
+    assert [(r["stage"], r["model"]) for r in rows] == [("prepare", ""), ("train", "resnet18")]
+    assert rows[0]["fraction"] == 1.0
+    assert rows[1]["fraction"] == pytest.approx(15 / 40)
+    assert "epoch 2/4" in rows[1]["text"] and "loss=0.500" in rows[1]["text"]
+    assert rows[1]["eta_s"] == pytest.approx(20 * (1 - 15 / 40) / (15 / 40))
+    assert dd.overall_eta(rows, {"state": "running"}, ["resnet18"]) == pytest.approx(rows[1]["eta_s"])
+
+
+def test_md_escape_neutralises_markdown_and_html():
+    import dashboard_ui as ui
+
+    s = ui.md_escape("[x](javascript:alert(1)) <b>*y*</b>")
+    assert "<b>" not in s and "](" not in s and "\\<" in s
