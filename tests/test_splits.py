@@ -291,3 +291,57 @@ def test_cli_errors_are_one_line(dataset_dir, tmp_path, cli):
     assert r.returncode == 2 and "Z" in r.stderr
     r = cli("audit", "--dataset", str(dataset_dir), "--split", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "missing.json" in r.stderr
+
+
+def test_stratified_take_partitions_property():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nhb_core.splits import _stratified_take
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 1), min_size=2, max_size=60), st.floats(0.05, 0.6), st.integers(0, 10))
+    def check(labels, frac, seed):
+        ids = np.array([f"s{i:03d}" for i in range(len(labels))], dtype=object)
+        lab = np.array(labels)
+        rest, taken = _stratified_take(ids, lab, frac, np.random.default_rng(seed))
+        assert set(rest) | set(taken) == set(ids) and not set(rest) & set(taken)
+        assert len(rest) >= 1 and len(taken) >= 1
+        for c in (0, 1):
+            m = int((lab == c).sum())
+            if m >= 2:  # a label with two members is on both sides
+                assert any(lab[list(ids).index(t)] == c for t in taken)
+                assert any(lab[list(ids).index(r)] == c for r in rest)
+
+    check()
+
+
+def test_cli_prepare_with_config_file(tmp_path, cli):
+    import nibabel as nib
+    import yaml
+
+    rows = []
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        t1 = np.random.default_rng(i).normal(100, 10, (20, 20, 6)).astype(np.float32)
+        roi = np.zeros(t1.shape, np.int16)
+        roi[6:9, 8:12, 2:4] = 1
+        roi[11:14, 8:12, 2:4] = 2
+        nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "images" / f"s{i}_t1.nii.gz")
+        nib.save(nib.Nifti1Image(roi, np.eye(4)), tmp_path / "images" / f"s{i}_roi.nii.gz")
+        rows.append({"subject_id": f"s{i}", "center": "A", "label": i % 2, "t1": f"images/s{i}_t1.nii.gz",
+                     "roi": f"images/s{i}_roi.nii.gz"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"prepare": {"size": 16, "roi_channel": True, "crop_mm": 20}}))
+    r = cli("prepare", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "ds"),
+            "--config", str(tmp_path / "study.yaml"), "--workers", "1", "--norm", "zscore")
+    assert r.returncode == 0, r.stderr
+    from nhb_core.slices import load_dataset
+
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.images.shape[1:] == (2, 16, 16) and ds.meta["config"]["norm"] == "zscore"
+    assert ds.meta["crop_mm"] == 20
+    (tmp_path / "bad.yaml").write_text("prepare:\n  sise: 3\n")
+    r = cli("prepare", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "ds2"),
+            "--config", str(tmp_path / "bad.yaml"))
+    assert r.returncode == 2 and "sise" in r.stderr and "bad.yaml" in r.stderr
