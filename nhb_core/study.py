@@ -798,7 +798,8 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
         write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
         append_log(run_dir, f"failed: {err.line()}")
         raise
-    if status and status.get("state") == "running" and status.get("pid") not in (None, os.getpid()):
+    mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # a launcher (jobs, torchrun) may have written its pid
+    if status and status.get("state") == "running" and status.get("pid") not in (None, *mine):
         pid = status.get("pid")
         if _pid_alive(pid):
             raise RunError(run_dir, f"the run is already running (process {pid})",

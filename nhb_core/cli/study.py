@@ -9,6 +9,9 @@ import typer
 
 from nhb_core.cli import app
 
+_DIST_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+             "GROUP_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+
 
 def _print_auc_table(run_dir: Path) -> None:
     from rich.console import Console
@@ -78,6 +81,17 @@ def study(
     A rerun skips every stage whose inputs did not change; a killed study resumes.
     Progress goes to the terminal and to RUNDIR/events.jsonl.
     """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # launched under torchrun (e.g. by the dashboard with several GPUs): rank 0 runs the study and
+        # trains each model under its own torchrun with WORLD_SIZE processes; the other ranks step aside.
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        for var in [v for v in os.environ if v in _DIST_ENV or v.startswith("TORCHELASTIC_")]:
+            os.environ.pop(var, None)
+        n_gpus = n_gpus or world
     overrides = {"models": models, "epochs": epochs, "split_unit": split_unit, "seed": seed, "device": device,
                  "n_gpus": n_gpus}
     run_dir = _run(manifest, out, config, overrides, quiet)
