@@ -116,8 +116,8 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
     man = pd.read_csv(small_cohort, dtype=str)
     t1 = small_cohort.parent / man.iloc[0]["t1"]
     roi = small_cohort.parent / man.iloc[0]["roi"]
-    at.file_uploader(key="pred_t1").upload(t1.read_bytes(), name=f"{EVIL}.nii.gz")
-    at.file_uploader(key="pred_roi").upload(roi.read_bytes(), name="../../roi.nii.gz")
+    at.file_uploader(key="pred_t1").upload(f"{EVIL}.nii.gz", t1.read_bytes())
+    at.file_uploader(key="pred_roi").upload("../../roi.nii.gz", roi.read_bytes())
     [b for b in at.button if b.label == "Predict"][0].click().run(timeout=300)
     _assert_clean(at, "predict result")
     names = {m.label for m in at.metric}
@@ -129,8 +129,8 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
 def test_predict_bad_upload_gives_one_line_error(run_copy):
     at = _app(timeout=120).run()
     at.switch_page("pages/5_Predict.py").run()
-    at.file_uploader(key="pred_t1").upload(b"this is not an image", name="scan.nii.gz")
-    at.file_uploader(key="pred_roi").upload(b"nor this", name="roi.nii")
+    at.file_uploader(key="pred_t1").upload("scan.nii.gz", b"this is not an image")
+    at.file_uploader(key="pred_roi").upload("roi.nii", b"nor this")
     [b for b in at.button if b.label == "Predict"][0].click().run()
     assert not at.exception
     errs = _errors(at)
