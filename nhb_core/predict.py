@@ -119,9 +119,11 @@ def predict_probs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     """Injury probability of each crop, ``sigmoid(logit)``: float64 [N] for images [N, C, H, W]."""
     import torch
 
+    from nhb_core.saliency import _CAM_LOCK
+
     dev = next(model.parameters()).device
     out = []
-    with torch.no_grad():
+    with _CAM_LOCK, torch.no_grad():  # never interleaved with a CAM's hooks on a shared model
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)).to(dev)
             out.append(torch.sigmoid(model(x).reshape(len(x), -1)[:, 0]).cpu().numpy())

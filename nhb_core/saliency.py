@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -48,6 +49,10 @@ _ALIASES = {
     "eigen-cam": "eigencam",
     "layer-cam": "layercam",
 }
+
+#: Grad-CAM hooks the model's layers: one computation at a time per process (the dashboard
+#: serves sessions from threads that share the cached models).
+_CAM_LOCK = threading.RLock()
 
 #: Fractions of the crop's pixels removed by :func:`faithfulness` (most relevant first).
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -110,6 +115,13 @@ def _output_hw(model, layer, in_chans: int, input_hw: tuple[int, int]) -> Option
         t = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(t, torch.Tensor) and t.ndim == 4:
             seen.append((int(t.shape[-2]), int(t.shape[-1])))
+
+    with _CAM_LOCK:
+        return _output_hw_locked(model, layer, in_chans, input_hw, hook, seen)
+
+
+def _output_hw_locked(model, layer, in_chans, input_hw, hook, seen):
+    import torch
 
     h = layer.register_forward_hook(hook)
     was_training = model.training
@@ -211,15 +223,21 @@ def compute_cams(model, images, method: str = "gradcam", target_layer=None, mode
         positive evidence is all zeros. The target is always the positive (injury) logit.
         With ``return_probs``: ``(maps, probs)``.
     """
-    import pytorch_grad_cam as pgc
-    import torch
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     m = normalize_method(method)
     x = _as_batch(images)
     n, _, h, w = x.shape
     if target_layer is None:
         target_layer = resolve_target_layer(model, model_name, (h, w), in_chans=int(x.shape[1]))
+    with _CAM_LOCK:
+        return _compute_cams_locked(model, x, m, target_layer, batch_size, return_probs)
+
+
+def _compute_cams_locked(model, x, m, target_layer, batch_size, return_probs):
+    import pytorch_grad_cam as pgc
+    import torch
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    n, _, h, w = x.shape
     was_training = model.training
     model.eval()
     cam_cls = getattr(pgc, METHODS[m])
@@ -395,17 +413,8 @@ def faithfulness(model, image, cam: np.ndarray, fractions: Sequence[float] = DEF
                 keep[order[:k]] = 0.0
                 perturbed.append(imputer(img, torch.from_numpy(keep.reshape(h, w))))
     batch = torch.cat([x.cpu(), torch.stack(perturbed)])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            probs = []
-            for i in range(0, len(batch), 64):
-                logits = model(batch[i:i + 64].to(_model_device(model)))
-                probs.append(torch.sigmoid(logits.reshape(len(logits), -1)[:, 0]).cpu().numpy())
-    finally:
-        model.train(was_training)
-    p = np.concatenate(probs).astype(np.float64)
+    with _CAM_LOCK:  # no CAM hooks of another thread may see these passes
+        p = _probs_locked(model, batch)
     p0 = float(p[0])
     after = p[1:].reshape(len(fr), len(maps))
     drops = p0 - after
@@ -418,6 +427,22 @@ def faithfulness(model, image, cam: np.ndarray, fractions: Sequence[float] = DEF
         "drop": float(drops[:, 0].mean()),
         "random_baseline_drop": float(drops[:, 1:].mean()) if n_random > 0 else float("nan"),
     }
+
+
+def _probs_locked(model, batch) -> np.ndarray:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    probs = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(batch), 64):
+                logits = model(batch[i:i + 64].to(_model_device(model)))
+                probs.append(torch.sigmoid(logits.reshape(len(logits), -1)[:, 0]).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(probs).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,12 @@ def predict(
     normalize_method(method)
     rd = _check_run(run)
     if out is None:
-        stem = "case" if t1.is_dir() else safe_stem(t1)
+        if t1.is_dir():  # a DICOM folder's name may identify the patient: never reuse it
+            from nhb_core.fileio import sha256_file
+
+            stem = "case-" + sha256_file(t1)[:12]
+        else:
+            stem = safe_stem(t1)
         out = rd / "cases" / stem
     with rich_progress(enabled=not (quiet or as_json)) as cb:
         res = predict_case(rd, t1, roi, out_dir=out, with_cam=cam, progress=cb, method=method, models=model or None)
