@@ -52,7 +52,8 @@ mdf = None
 with ui.guard():
     choices = dd.known_manifests(runs)
     labels = [lab for lab, _ in choices] + ["another manifest (path)"]
-    pick = st.selectbox("Manifest", labels, key="cohort_manifest")
+    first_existing = next((i for i, (_, mp) in enumerate(choices) if mp.is_file()), 0)
+    pick = st.selectbox("Manifest", labels, index=first_existing, key="cohort_manifest")
     if pick == labels[-1]:
         typed = st.text_input("Path of a manifest CSV", key="cohort_manifest_path")
         manifest = Path(typed).expanduser() if typed.strip() else None

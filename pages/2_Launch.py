@@ -29,7 +29,8 @@ st.title("Launch a study")
 with ui.guard():
     choices = dd.known_manifests(runs)
     labels = [lab for lab, _ in choices] + ["another manifest (path)"]
-    pick = st.selectbox("Manifest", labels, key="launch_manifest")
+    first_existing = next((i for i, (_, mp) in enumerate(choices) if mp.is_file()), 0)
+    pick = st.selectbox("Manifest", labels, index=first_existing, key="launch_manifest")
     if pick == labels[-1]:
         typed = st.text_input("Path of a manifest CSV", key="launch_manifest_path")
         manifest = Path(typed).expanduser() if typed.strip() else None

@@ -122,9 +122,11 @@ def test_every_page_in_chromium(browser, server, small_run):
         assert page.locator("script", has_text="alert(1)").count() == 0
         assert EVIL in page.inner_text("body")
 
-        for name in ("Cohort", "Launch"):
-            _open(page, f"{url}/{name}")
-            assert not _check_clean(page, name.lower()), name
+        _open(page, f"{url}/Cohort")
+        assert not _check_clean(page, "cohort")
+        _open(page, f"{url}/Launch")  # lists recent jobs: only the failed run's line may be an error
+        errs = _check_clean(page, "launch")
+        assert errs and all(EVIL in e for e in errs), errs
 
         # Results: one ROC curve per model and set in the plotly data
         _open(page, f"{url}/Results")
