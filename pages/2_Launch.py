@@ -112,11 +112,14 @@ def _job_card(run_dir: Path, st_: dict) -> None:
             ui.error_box(st_.get("error") or "failed (no error recorded; see log.txt)")
         if state in ("running", "done", "cancelled", "failed"):
             rows = dd.progress_rows(run_dir, st_)
+            box = st.container() if state == "running" else st.expander(f"progress of {len(rows)} stage(s)")
             for r in rows:
                 label = r["stage"] + (f" / {r['model']}" if r["model"] else "")
                 text = f"{label}: {r['text']}" if r["text"] else label
                 frac = r["fraction"]
-                st.progress(float(frac) if frac is not None else 0.0, text=ui.md_escape(text))
+                box.progress(float(frac) if frac is not None else 0.0, text=ui.md_escape(text))
+            if state == "done":
+                st.caption("Finished: open it on the Results and Saliency pages.")
             if state == "running":
                 eta = dd.overall_eta(rows, st_, dd.read_config(run_dir).get("models"))
                 st.caption(f"ETA: {dd.fmt_seconds(eta)}")
