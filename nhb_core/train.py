@@ -104,13 +104,13 @@ class TrainConfig:
         and model.safetensors are the result).
     """
 
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
-    patience: int = 5
+    patience: int = 4
     balance: str = "loss"
     augment: bool = True
     augment_params: dict = field(default_factory=dict)
@@ -152,13 +152,13 @@ class TrainConfig:
             raise ConfigError(src, f"channels_last must be true, false or null, got {self.channels_last!r}",
                               "Leave channels_last unset (auto)")
         checks = [
-            (self.epochs >= 1, "epochs must be >= 1", "Use e.g. epochs: 12"),
+            (self.epochs >= 1, "epochs must be >= 1", "Use e.g. epochs: 10"),
             (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs 2 images)", "Use e.g. batch_size: 32"),
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number", "Use e.g. lr: 0.001"),
             (self.weight_decay >= 0, "weight_decay must be >= 0", "Use e.g. weight_decay: 0.05"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0", "Use e.g. warmup_epochs: 1"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]", "Use e.g. min_lr_ratio: 0.01"),
-            (self.patience >= 0, "patience must be >= 0 (0 = no early stopping)", "Use e.g. patience: 5"),
+            (self.patience >= 0, "patience must be >= 0 (0 = no early stopping)", "Use e.g. patience: 4"),
             (self.balance in ("loss", "sampler", "none"), f"balance must be loss, sampler or none, got {self.balance!r}",
              "Use balance: loss"),
             (self.num_workers >= 0, "num_workers must be >= 0", "Use num_workers: 0"),
@@ -682,8 +682,7 @@ def _train(dataset_dir, split_in, model_name: str, out: Path, cfg: TrainConfig, 
     import torch
     import torch.distributed as dist
 
-    from nhb_core.augment import AugmentConfig
-    from nhb_core.models import check_model_name, create_model, save_weights
+    from nhb_core.models import check_model_name
     from nhb_core.slices import load_dataset
     from nhb_core.splits import set_rows
 
@@ -794,7 +793,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         emit(progress, "train", model=model_name, message=f"resuming after epoch {start_epoch}")
         if bad_epochs >= cfg.patience > 0 or start_epoch >= cfg.epochs:
             start_epoch = cfg.epochs  # it had already stopped: finish
-    emit(progress, "train", model=model_name, epoch=start_epoch, epochs=cfg.epochs, step=0, steps=steps,
+    emit(progress, "train", model=model_name, epoch=min(start_epoch + 1, cfg.epochs), epochs=cfg.epochs,
+         step=0 if start_epoch < cfg.epochs else steps, steps=steps,
          message=f"{model_name}: {len(train_rows)} train / {len(val_rows)} val slices on {device}"
                  + (f" x{dinfo.world_size}" if dinfo.distributed else ""))
 
@@ -917,5 +917,6 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         if not cfg.keep_checkpoint:
             with contextlib.suppress(FileNotFoundError):
                 ckpt_path.unlink()
-        emit(progress, "train", model=model_name, epoch=len(history), epochs=cfg.epochs, step=steps, steps=steps,
+        # epochs = epochs run, so that a progress bar of an early-stopped run ends full
+        emit(progress, "train", model=model_name, epoch=len(history), epochs=len(history), step=steps, steps=steps,
              eta_s=0.0, message=f"done: best epoch {best['epoch']}, val AUC {vm['val_auc']:.3f}")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 from nhb_core.errors import ConfigError, DatasetError  # noqa: E402
 from nhb_core.evaluate import aggregate_subject_probs, evaluate_model, predict_slices, set_file_stem  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 from nhb_core import models  # noqa: E402
 from nhb_core.errors import ConfigError, NetworkUnavailableError, RunError  # noqa: E402

@@ -34,7 +34,7 @@ def train_cmd(
     split: Path = typer.Option(..., "--split", help="split.json (from `split`)."),
     model: str = typer.Option("resnet18", "--model", help="timm model name: resnet18, densenet121, efficientnet_b0, ..."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (model.safetensors, model.json, history.csv, ...)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default from the config: 12)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default 10)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per process (default 32)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs (0 = off)."),
