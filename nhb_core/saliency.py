@@ -243,18 +243,34 @@ def _compute_cams_locked(model, x, m, target_layer, batch_size, return_probs):
     cam_cls = getattr(pgc, METHODS[m])
     out = np.zeros((n, h, w), dtype=np.float32)
     probs = np.zeros(n, dtype=np.float64)
+    # Only the gradient at the target layer is needed: no parameter gradients, and the autograd
+    # graph starts at the target layer's output (made a leaf that requires grad), so the backward
+    # pass stops there instead of running through the whole network down to the input.
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+
+    def _leaf(_mod, _inp, output):
+        if isinstance(output, torch.Tensor):
+            return output.detach().requires_grad_(True) * 1.0
+        return None
+
+    hook = target_layer.register_forward_hook(_leaf, prepend=True)
     try:
+        for p in params:
+            p.requires_grad_(False)
         with torch.enable_grad(), cam_cls(model=model, target_layers=[target_layer]) as cam:
             for i in range(0, n, batch_size):
-                xb = x[i:i + batch_size].to(_model_device(model)).requires_grad_(True)
+                xb = x[i:i + batch_size].to(_model_device(model))
                 targets = [ClassifierOutputTarget(0) for _ in range(len(xb))]
                 maps = cam(input_tensor=xb, targets=targets)
                 out[i:i + len(xb)] = np.asarray(maps, dtype=np.float32).reshape(len(xb), h, w)
                 logits = cam.outputs.detach().reshape(len(xb), -1)[:, 0]
                 probs[i:i + len(xb)] = torch.sigmoid(logits).cpu().numpy()
     finally:
+        hook.remove()
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
     out = np.clip(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
     return (out, probs) if return_probs else out
 
@@ -587,7 +603,7 @@ def overlay_png(image2d: np.ndarray, cam: Optional[np.ndarray] = None, roi_mask:
         edge = _contour(up(roi))
         rgb8[edge] = np.asarray(contour_rgb, dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(rgb8).save(buf, format="PNG", optimize=False)
+    Image.fromarray(rgb8).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 
