@@ -97,6 +97,15 @@ class StageCache:
         return {k: float(v.get("seconds") or 0.0) for k, v in self.data.items()}
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children."""
+    import resource
+
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def _sha_or_none(path: Path) -> Optional[str]:
     return sha256_file(path) if path.exists() else None
 
@@ -239,14 +248,16 @@ class _Study:
         self.cache.mark(key, state="running", fingerprint=fp, started=now_iso(),
                         resumable=prev.get("fingerprint") == fp)
         t0 = time.monotonic()
+        c0 = _cpu_seconds()
         fn()
         secs = time.monotonic() - t0
+        cpu = _cpu_seconds() - c0
         out_sha = outputs()
         if out_sha is None:
             raise RunError(self.run_dir, f"stage {key} finished without writing its outputs",
                            "Rerun with --debug and report the problem")
-        self.cache.mark(key, state="done", fingerprint=fp, seconds=round(secs, 3), output_sha256=out_sha,
-                        ended=now_iso(), **info)
+        self.cache.mark(key, state="done", fingerprint=fp, seconds=round(secs, 3), cpu_seconds=round(cpu, 3),
+                        output_sha256=out_sha, ended=now_iso(), **info)
         self.log(f"{key}: done in {secs:.1f} s")
         emit(self.progress, stage, message=f"done in {secs:.1f} s", done=1, total=1, seconds=round(secs, 3), **extra)
         return True
@@ -851,9 +862,12 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def stage_seconds(run_dir: str | os.PathLike) -> dict[str, float]:
-    """Seconds each stage took when it last ran (from ``stages.json``)."""
-    return StageCache(Path(run_dir)).seconds()
+def stage_seconds(run_dir: str | os.PathLike, cpu: bool = False) -> dict[str, float]:
+    """Wall seconds (or CPU seconds with ``cpu=True``) each stage took when it last ran (``stages.json``)."""
+    c = StageCache(Path(run_dir))
+    if cpu:
+        return {k: float(v.get("cpu_seconds") or 0.0) for k, v in c.data.items()}
+    return c.seconds()
 
 
 def auc_table(run_dir: str | os.PathLike, level: str = "subject") -> list[dict[str, Any]]:

@@ -42,11 +42,13 @@ def _print_auc_table(run_dir: Path) -> None:
                 ci = r.get("ci") or [None, None]
                 cells.append(f"{r['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else f"{r['auc']:.3f}")
         table.add_row(model, *cells)
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # never wrap the table in a log file
     console.print(table)
     if m.get("leaky"):
         console.print("[bold red]Leakage: this run used a slice-level split; its test AUCs are inflated.[/]")
-    console.print(f"report: {run_dir / 'report.html'}")
+    console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True)
 
 
 def _run(manifest: Optional[Path], out: Path, config: Any, overrides: dict[str, Any], quiet: bool) -> Path:
