@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -33,7 +34,10 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("NHB_RUNS_DIR", str(runs))
     monkeypatch.setenv("NHB_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("NHB_POLL_S", "1")
-    return runs
+    yield runs
+    for r in list_runs(runs):  # never leave a detached study behind
+        if (read_status(r) or {}).get("state") in jobs.ACTIVE_STATES:
+            jobs.cancel(r, grace_s=2)
 
 
 @pytest.fixture
@@ -166,7 +170,8 @@ def test_launch_form_runs_tiny_study_to_completion(env, small_cohort):
     sb = at.selectbox(key="launch_manifest")
     sb.select(sb.options[-1]).run()
     at.text_input(key="launch_manifest_path").input(str(small_cohort)).run()
-    at.text_input(key="launch_name").input("ui tiny").run()
+    # form widgets: values are staged until the submit button (no run() in between)
+    at.text_input(key="launch_name").input("ui tiny")
     at.multiselect(key="launch_models").set_value(["resnet18"])
     at.number_input(key="launch_epochs").set_value(1)
     at.number_input(key="launch_batch").set_value(16)
@@ -175,7 +180,9 @@ def test_launch_form_runs_tiny_study_to_completion(env, small_cohort):
     at.button(key="launch_submit").click().run()
     _assert_clean(at, "launch submit")
     run_dir = env / "ui-tiny"
-    assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "config.yaml").exists(), [p.name for p in env.iterdir()]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["models"] == ["resnet18"] and cfg["train"]["epochs"] == 1 and cfg["prepare"]["size"] == 32
     st0 = read_status(run_dir)
     assert st0["state"] in ("running", "done") and st0["pid"]
 
@@ -188,7 +195,7 @@ def test_launch_form_runs_tiny_study_to_completion(env, small_cohort):
     assert st1 and st1["state"] == "done", (read_status(run_dir), (run_dir / "log.txt").read_text()[-2000:])
     _assert_clean(at, "launch after done")
     assert (run_dir / "metrics.json").exists()
-    assert any("ui-tiny" in m.value and "done" in m.value for m in at.markdown)
+    assert any("ui-tiny" in m.value.replace("\\", "") and "done" in m.value for m in at.markdown)
 
 
 def test_cancel_button_stops_a_running_study(env, small_cohort, tiny_study_config):
