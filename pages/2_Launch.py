@@ -112,7 +112,7 @@ def _job_card(run_dir: Path, st_: dict) -> None:
             ui.error_box(st_.get("error") or "failed (no error recorded; see log.txt)")
         if state in ("running", "done", "cancelled", "failed"):
             rows = dd.progress_rows(run_dir, st_)
-            box = st.container() if state == "running" else st.expander(f"progress of {len(rows)} stage(s)")
+            box = st.container() if state == "running" or not rows else st.expander(f"progress of {len(rows)} stage(s)")
             for r in rows:
                 label = r["stage"] + (f" / {r['model']}" if r["model"] else "")
                 text = f"{label}: {r['text']}" if r["text"] else label
