@@ -387,18 +387,30 @@ def cancel(run_dir: str | os.PathLike, grace_s: float = 5.0) -> dict[str, Any]:
     if state in FINAL_STATES:
         raise RunError(run_dir / "status.json", f"the run is already {state}", "Only queued or running jobs can be cancelled")
     pid = job_pid(st)
-    pgid = st.get("pgid") or pid
+    pgid = st.get("pgid")
     if pid and is_alive(pid, st.get("pid_start")):
+        if pgid:  # started by start_queued: the job leads its own process group
+            def send(sig: int) -> None:
+                os.killpg(int(pgid), sig)
+
+            def alive() -> bool:
+                return _group_alive(int(pgid))
+        else:  # a study started elsewhere (CLI): signal that process only, never a foreign group
+            def send(sig: int) -> None:
+                os.kill(int(pid), sig)
+
+            def alive() -> bool:
+                return is_alive(pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(int(pgid), signal.SIGTERM)
+            send(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _group_alive(int(pgid)):
+        while time.monotonic() < deadline and alive():
             time.sleep(0.1)
-        if _group_alive(int(pgid)):
+        if alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(pgid), signal.SIGKILL)
+                send(signal.SIGKILL)
             deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and _group_alive(int(pgid)):
+            while time.monotonic() < deadline and alive():
                 time.sleep(0.05)
         _reap(int(pid))
     append_log(run_dir, "cancelled by the user")

@@ -142,3 +142,20 @@ def test_queue_runs_one_at_a_time_and_cancel(tmp_path, small_cohort, tiny_study_
     jobs.refresh(runs, max_running=1)
     assert read_status(b)["state"] in ("running", "done", "failed")
     jobs.cancel(b, grace_s=2) if read_status(b)["state"] == "running" else None
+
+
+def test_cancel_a_study_started_elsewhere_signals_only_its_process(tmp_path):
+    """A running run without a recorded process group (e.g. a CLI study): cancel stops
+    that process and never signals a group it does not lead."""
+    run = tmp_path / "runs" / "cli"
+    run.mkdir(parents=True)
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_status(run, "running", stage="train", pid=p.pid)
+        st = jobs.cancel(run, grace_s=2)
+        assert st["state"] == "cancelled"
+        assert not jobs.is_alive(p.pid)  # (reaped by cancel, so Popen sees no exit code)
+        assert os.getpgid(0) == os.getpgrp()  # the test's own group is untouched (we are alive)
+    finally:
+        if p.poll() is None:
+            p.kill()
