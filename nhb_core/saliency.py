@@ -420,7 +420,11 @@ def faithfulness(model, image, cam: np.ndarray, fractions: Sequence[float] = DEF
     imputer = NoisyLinearImputer(noise=noise)
     img = x[0].cpu()
     perturbed = []
-    with torch.random.fork_rng(devices=[]):
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # the imputer calls np.argwhere on a torch tensor (a NumPy 2 deprecation inside grad-cam)
+        warnings.filterwarnings("ignore", message=".*__array_wrap__.*", category=DeprecationWarning)
         torch.manual_seed(seed)
         for f in fr:
             k = max(1, int(round(f * h * w)))
