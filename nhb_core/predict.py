@@ -189,7 +189,7 @@ def _load_inputs(t1, roi):
 
 def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None, with_cam: bool = True,
                  progress: Optional[ProgressCallback] = None, method: str = "gradcam", device: str = "cpu",
-                 models: Optional[list[str]] = None) -> dict[str, Any]:
+                 models: Optional[list[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """Predict one subject with every model of a run (and their ensemble).
 
     Parameters
@@ -214,6 +214,11 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None,
         Torch device for the models.
     models : list of str, optional
         A subset of the run's models (default: all).
+    threads : int, optional
+        Torch CPU threads for this call (restored afterwards; process-wide while it runs). One
+        subject's few 64 px crops are fastest on 1 thread: intra-op parallelism on such small
+        tensors costs more than it saves, badly so on a busy machine (see bench_predict.py).
+        None: leave torch's setting as it is.
 
     Returns
     -------
@@ -225,6 +230,17 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None,
         (paths written, relative to ``out_dir``). Probabilities are of label 1 (injury);
         ``decision`` is 1 when ``prob >= threshold``.
     """
+    if threads is not None:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(threads)))
+        try:
+            return predict_case(run_dir, t1, roi, out_dir=out_dir, with_cam=with_cam, progress=progress,
+                                method=method, device=device, models=models, threads=None)
+        finally:
+            torch.set_num_threads(before)
+
     from nhb_core import saliency
     from nhb_core.slices import PrepareConfig, extract_slices
 

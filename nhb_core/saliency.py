@@ -593,10 +593,13 @@ def overlay_png(image2d: np.ndarray, cam: Optional[np.ndarray] = None, roi_mask:
         cam = np.asarray(cam, dtype=np.float64)
         if cam.shape != gray.shape:
             raise InputError(None, f"CAM shape {cam.shape} differs from the image's {gray.shape}", "Paste the CAM back first")
-        from matplotlib import colormaps
-
         cam = np.clip(np.nan_to_num(cam), 0, 1)
-        colour = colormaps[colormap](cam)[..., :3]
+        if colormap == "jet":  # the classic piecewise-linear jet (no matplotlib import on this path)
+            colour = np.clip(1.5 - np.abs(4 * cam[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
+        else:
+            from matplotlib import colormaps
+
+            colour = colormaps[colormap](cam)[..., :3]
         wgt = float(np.clip(alpha, 0, 1)) * cam[..., None]
         rgb = (1 - wgt) * rgb + wgt * colour
     rgb8 = up((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))

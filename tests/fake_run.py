@@ -23,7 +23,7 @@ def build_run(root: Path, models=MODELS, size: int = 32) -> Path:
     from nhb_core.slices import PrepareConfig, load_dataset, prepare
     from nhb_core.synth import synthesize
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     cohort = root / "cohort"
     manifest = synthesize(cohort, preset="small", seed=0, n={"A": (3, 3)}, workers=1)
     run = root / "run"

@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 
 from nhb_core.export import PARITY_ATOL, export_onnx  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

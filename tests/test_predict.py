@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from nhb_core.errors import ImageError, RunError  # noqa: E402
 from nhb_core.predict import predict_case, safe_stem  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

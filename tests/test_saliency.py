@@ -15,7 +15,7 @@ pytest.importorskip("pytorch_grad_cam")
 from nhb_core import saliency as S  # noqa: E402
 from nhb_core.errors import InputError  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- measures
