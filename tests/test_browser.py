@@ -94,6 +94,10 @@ def _open(page, url: str, timeout_ms: int = 240_000) -> None:
     page.goto(url)
     page.wait_for_selector("h1", timeout=timeout_ms)
     page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=timeout_ms)
+    # plotly draws after the script ends: wait until every chart element holds a plot
+    page.wait_for_function("""() => document.querySelectorAll('.js-plotly-plot').length >=
+                                    document.querySelectorAll('[data-testid="stPlotlyChart"]').length""",
+                           timeout=timeout_ms)
     page.wait_for_timeout(1500)
 
 
