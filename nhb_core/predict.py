@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from nhb_core.errors import RunError
-from nhb_core.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from nhb_core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from nhb_core.progress import ProgressCallback, emit
 
 PathLike = Union[str, os.PathLike]

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from nhb_core.errors import DatasetError, InputError, RunError
-from nhb_core.fileio import atomic_path, sha256_bytes, sha256_file
+from nhb_core.fileio import atomic_path, sha256_bytes
 from nhb_core.progress import EtaEstimator, ProgressCallback, emit
 
 #: Accepted method names (lower case) -> pytorch_grad_cam class name.
