@@ -86,7 +86,7 @@ def test_predictions_match_the_model_and_are_deterministic(trained, tmp_path):
     data = load_dataset(ds)
     p = predict_slices(model, data.images[:5], batch_size=2)
     with torch.no_grad():
-        direct = torch.sigmoid(model(torch.from_numpy(np.asarray(data.images[:5])))).reshape(-1).numpy()
+        direct = torch.sigmoid(model(torch.from_numpy(np.array(data.images[:5])))).reshape(-1).numpy()
     assert p.shape == (5,) and np.allclose(p, direct, atol=1e-6)
     assert set(a) == set(b)
 
