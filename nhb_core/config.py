@@ -36,8 +36,8 @@ PAPER_MODELS = ["resnet18", "densenet121", "efficientnet_b0"]
 
 #: Default study configuration. The demo (``python -m nhb_core demo``) uses it as
 #: is, so it is sized to finish the paper preset (277 subjects, about 700 slices,
-#: three models) in under 15 minutes on 2 CPU cores: 48 px slices (1.3 mm per pixel over
-#: the 64 mm crop) and 6 epochs (see benchmarks/bench_demo.py and docs/study.md).
+#: three models) in under 15 minutes on 2 CPU cores: 64 px slices (1 mm per pixel over
+#: the 64 mm crop) and 8 epochs (see benchmarks/bench_demo.py and docs/study.md).
 DEFAULTS: dict[str, Any] = {
     "name": None,            # free text shown in the report; defaults to the run folder's name
     "manifest": None,        # absolute path of the manifest (filled in by run_study)
@@ -47,9 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "n_gpus": 1,             # > 1: each training stage runs under torchrun with this many processes
     "cache_dir": None,       # None: the prepared dataset lives in RUNDIR/dataset; else shared, keyed by its fingerprint
     "validate": {"nbna_threshold": 37, "check_images": True},
-    "prepare": {"size": 48, "workers": None},
+    "prepare": {"size": 64, "workers": None},
     "split": {"unit": "subject", "dev_centers": None, "test_size": 0.2, "val_size": 0.15, "seed": None},
-    "train": {"epochs": 6, "batch_size": 32, "seed": None},
+    "train": {"epochs": 8, "batch_size": 32, "seed": None},
     "evaluate": {"aggregate": "mean", "batch_size": 128},
     "stats": {"n_boot": 1000},
     "saliency": {"n_cases": 4, "method": "gradcam", "faithfulness": False, "enabled": True},

@@ -283,7 +283,7 @@ class _Study:
             ct = getattr(rep, "cohort_table", None)
             atomic_write_json(validation, {
                 "manifest": str(self.manifest), "manifest_sha256": man_sha, "ok": bool(rep.ok),
-                "problems": problems,
+                "problems": problems, "warnings": [w.line() for w in getattr(rep, "warnings", []) or []],
                 "cohort_table": None if ct is None else json.loads(ct.to_json(orient="split")),
             })
             if not rep.ok:
