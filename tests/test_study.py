@@ -246,3 +246,20 @@ def test_cli_rerun_prints_auc_table(small_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "AUC [95% CI]" in r.stdout and "resnet18" in r.stdout and "internal test" in r.stdout
     assert "external center B" in r.stdout
+
+
+def test_demo_command_small_preset(tmp_path):
+    """`demo` synthesises the cohort into RUNDIR/cohort, runs the study and ends with the AUC table."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("models: [resnet18]\nprepare: {size: 32}\ntrain: {epochs: 1, batch_size: 16}\n"
+                   "stats: {n_boot: 100}\nsaliency: {enabled: false}\n")
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "nhb_core", "demo", "--out", str(out), "--preset", "small",
+                        "--config", str(cfg), "--quiet"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert (out / "cohort" / "manifest.csv").exists() and (out / "report.html").exists()
+    assert read_status(out)["state"] == "done"
+    assert "AUC [95% CI]" in r.stdout and "resnet18" in r.stdout
+    m = read_json(out / "metrics.json")
+    assert m["oracle_auc"] and m["run"]["name"] == "demo (small preset)"
