@@ -125,9 +125,7 @@ def test_rerun_skips_everything_and_config_change_reruns_downstream(small_run, t
     manifest = load_yaml(run / "config.yaml")["manifest"]
     before = read_json(run / "stages.json")
     n0 = len(read_events(run))
-    t0 = time.monotonic()
     run_study(manifest, run, tiny_study_config)
-    fast = time.monotonic() - t0
     new = _new_events(run, n0)
     skipped = {(e["stage"], e.get("model")) for e in new if e.get("skipped")}
     assert {("validate", None), ("prepare", None), ("split", None), ("evaluate", None), ("stats", None),
@@ -136,7 +134,6 @@ def test_rerun_skips_everything_and_config_change_reruns_downstream(small_run, t
     assert not any(e.get("message") == "started" for e in new)
     assert read_json(run / "stages.json") == before
     assert read_status(run)["state"] == "done"
-    assert fast < 120  # generous: nothing is recomputed (hashing only)
 
     # a stats option changes: only stats and report rerun
     n1 = len(read_events(run))
