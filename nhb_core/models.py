@@ -170,6 +170,22 @@ def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike])
     return model
 
 
+def _init_head(model):
+    """A fresh one-logit head with small weights (std 0.01, bias 0): timm's EfficientNet init
+    scales the classifier by 1/sqrt(num_classes), i.e. U(-1, 1) for one logit, whose huge initial
+    logits make training from scratch unstable."""
+    import torch
+    import torch.nn as nn
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            nn.init.normal_(head.weight, std=0.01)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+    return model
+
+
 def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathLike]] = None):
     """A timm classifier with one output logit.
 
@@ -197,7 +213,7 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
     if in_chans < 1:
         raise ConfigError("dataset", f"in_chans must be >= 1, got {in_chans}", "Check the prepared dataset")
     if weights is None or (isinstance(weights, str) and weights.lower() in ("", "random", "none")):
-        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1)
+        return _init_head(timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1))
     if isinstance(weights, str) and weights.lower() in HUB_WEIGHTS:
         if not _network_available():
             raise NetworkUnavailableError(
@@ -205,11 +221,11 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
                 "Download the ImageNet weights once elsewhere and pass the local file with --weights FILE, "
                 "or train from random weights")
         try:
-            return timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1)
+            return _init_head(timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1))
         except OSError as err:
             raise NetworkUnavailableError("--weights", f"could not fetch hub weights for {name} ({type(err).__name__})",
                                           "Pass a local weights file with --weights FILE") from None
-    return _load_local_weights(name, in_chans, weights)
+    return _init_head(_load_local_weights(name, in_chans, weights))
 
 
 def default_target_layer(model, name: Optional[str] = None):

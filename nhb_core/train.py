@@ -99,6 +99,8 @@ class TrainConfig:
         Batch size of validation prediction.
     aggregate : {"mean", "median", "max"}
         Slice-to-subject aggregation of probabilities for the validation AUC and the threshold.
+    grad_clip : float or None
+        Clip the global gradient norm to this value (None or 0: no clipping).
     keep_checkpoint : bool
         Keep ``checkpoint.pt`` after a successful run (it is deleted by default: model.json
         and model.safetensors are the result).
@@ -122,6 +124,7 @@ class TrainConfig:
     channels_last: Optional[bool] = None
     eval_batch_size: int = 256
     aggregate: str = "mean"
+    grad_clip: Optional[float] = 1.0
     keep_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -148,6 +151,14 @@ class TrainConfig:
             if not isinstance(v, (bool, np.bool_)):
                 raise ConfigError(src, f"{name} must be true or false, got {v!r}", f"Set {name} to true or false")
             setattr(self, name, bool(v))
+        if self.grad_clip is not None:
+            try:
+                self.grad_clip = float(self.grad_clip)
+            except (TypeError, ValueError):
+                raise ConfigError(src, f"grad_clip must be a number or null, got {self.grad_clip!r}",
+                                  "Use e.g. grad_clip: 1.0") from None
+            if not self.grad_clip >= 0:
+                raise ConfigError(src, "grad_clip must be >= 0", "Use e.g. grad_clip: 1.0")
         if self.channels_last is not None and not isinstance(self.channels_last, (bool, np.bool_)):
             raise ConfigError(src, f"channels_last must be true, false or null, got {self.channels_last!r}",
                               "Leave channels_last unset (auto)")
@@ -414,7 +425,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceTensors, batches: list,
                     device, amp_dtype=None, aug_gen=None, aug_config=None, intensity_channels=None,
-                    on_step=None) -> tuple[float, int]:
+                    on_step=None, grad_clip: Optional[float] = None) -> tuple[float, int]:
     """One pass over ``batches`` (lists of positions into ``data``).
 
     Returns (sum of per-image losses, number of images) on this rank. ``on_step(i)``
@@ -436,6 +447,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
         loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if scheduler is not None:
@@ -822,7 +836,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
                  eta_s=round(rate * remaining, 1))
 
         loss_sum, n_seen = train_one_epoch(ddp_model, optimizer, scheduler, scaler, criterion, data, batches, device,
-                                           amp_dtype, aug_gen, aug_cfg, intensity_channels, on_step)
+                                           amp_dtype, aug_gen, aug_cfg, intensity_channels, on_step,
+                                           grad_clip=cfg.grad_clip)
         if dinfo.distributed:
             red = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64,
                                device=device if device.type == "cuda" else torch.device("cpu"))
