@@ -7,8 +7,8 @@ on the machine hits both alike):
 - ``plain``: ``timm.create_model`` + AdamW + BCEWithLogits, a bare loop over
   tensor slices of an in-memory tensor (no augmentation, no schedule);
 - ``nhb``: :func:`nhb_core.train.train_one_epoch` exactly as ``train_model``
-  runs it (in-memory loader, class-balanced loss, LR schedule, GradScaler, on-device
-  augmentation);
+  runs it (in-memory loader, class-balanced loss, LR schedule, GradScaler, gradient clipping,
+  on-device augmentation);
 - ``nhb_noaug``: the same without augmentation.
 
 Prints one JSON object; ``ratio`` = nhb / plain in wall-clock images/s (target >= 0.9),
@@ -81,7 +81,7 @@ def throughput(models, n, size, batch, rounds, device_spec, threads) -> dict:
                 torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()
             _, seen = train_one_epoch(model, opt, sched, scaler, crit, data, batches, device, amp_dtype,
-                                      gen if aug else None, AugmentConfig(), 1)
+                                      gen if aug else None, AugmentConfig(), 1, grad_clip=cfg.grad_clip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return seen / (time.perf_counter() - t), seen / (time.process_time() - c)
