@@ -79,28 +79,28 @@ def _unique_dir(runs_dir: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------- processes
-def _proc_start_ticks(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot (Linux /proc), or None."""
+def _proc_stat_fields(pid: int) -> Optional[list[str]]:
+    """Fields of /proc/<pid>/stat after the command name (state first), or None (Linux)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read().decode("ascii", "replace")
     except OSError:
         return None
     # the command name may contain spaces or parentheses: split after the last ')'
-    rest = raw[raw.rfind(")") + 2:].split()
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def _proc_start_ticks(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (Linux /proc), or None."""
+    rest = _proc_stat_fields(pid)
     try:
-        return int(rest[19])
+        return int(rest[19]) if rest is not None else None
     except (IndexError, ValueError):
         return None
 
 
 def _proc_state(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
+    rest = _proc_stat_fields(pid)
     return rest[0] if rest else None
 
 

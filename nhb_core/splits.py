@@ -146,6 +146,30 @@ def _sorted_list(a) -> list[str]:
 # --------------------------------------------------------------------------- make_split
 
 
+
+def _train_val_test(members: np.ndarray, labels: np.ndarray, n: int, test_size: float, val_size: float,
+                    folds: Optional[int], rng: np.random.Generator) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
+    """Stratified test, then validation (``val_size`` of all ``n``) from the rest, then optional K folds.
+
+    ``members`` are subject ids or slice keys; the same code serves both split units.
+    """
+    trval, test = _stratified_take(members, labels, float(test_size), rng)
+    lab = dict(zip(members, labels))
+    trval_lab = np.array([lab[s] for s in trval])
+    val_frac = float(val_size) * n / max(len(trval), 1)
+    train, val = _stratified_take(trval, trval_lab, min(val_frac, 0.99), rng)
+    sets = {"train": _sorted_list(train), "val": _sorted_list(val), "test": _sorted_list(test)}
+    fold_list: list[dict[str, Any]] = []
+    if folds:
+        k = int(folds)
+        if k > len(trval):
+            raise ConfigError("--folds", f"{k} folds but only {len(trval)} non-test members", "Use fewer folds")
+        for i, f in enumerate(_stratified_folds(trval, trval_lab, k, rng)):
+            fs = set(f.tolist())
+            fold_list.append({"fold": i, "train": _sorted_list(s for s in trval if s not in fs),
+                              "val": _sorted_list(f)})
+    return sets, fold_list
+
 def make_split(dataset_or_index: Any, dev_centers: Optional[Union[str, list[str]]] = None, test_size: float = 0.2,
                val_size: float = 0.15, folds: Optional[int] = None, seed: int = 0, unit: str = "subject") -> dict:
     """Split a dataset into train / val / test (development centers) and external sets.
@@ -207,8 +231,6 @@ def make_split(dataset_or_index: Any, dev_centers: Optional[Union[str, list[str]
 
     dev_subj = subjects[subjects["center"].isin(dev)]
     ext_centers = [c for c in centers.index if c not in dev]
-    sets: dict[str, list[str]] = {}
-    fold_list: list[dict[str, Any]] = []
     idx = index.assign(subject_id=index["subject_id"].astype(str), center=index["center"].astype(str))
 
     if unit == "subject":
@@ -218,20 +240,7 @@ def make_split(dataset_or_index: Any, dev_centers: Optional[Union[str, list[str]
         if n < 3:
             raise DatasetError("dataset", f"the development center(s) {', '.join(dev)} hold only {n} subject(s)",
                                "A split needs at least 3 development subjects")
-        trval, test = _stratified_take(ids, labels, float(test_size), rng)
-        lab = dict(zip(ids, labels))
-        trval_lab = np.array([lab[s] for s in trval])
-        val_frac = float(val_size) * n / max(len(trval), 1)
-        train, val = _stratified_take(trval, trval_lab, min(val_frac, 0.99), rng)
-        sets["train"], sets["val"], sets["test"] = _sorted_list(train), _sorted_list(val), _sorted_list(test)
-        if folds:
-            k = int(folds)
-            if k > len(trval):
-                raise ConfigError("--folds", f"{k} folds but only {len(trval)} non-test subjects", "Use fewer folds")
-            for i, f in enumerate(_stratified_folds(trval, trval_lab, k, rng)):
-                fs = set(f.tolist())
-                fold_list.append({"fold": i, "train": _sorted_list(s for s in trval if s not in fs),
-                                  "val": _sorted_list(f)})
+        sets, fold_list = _train_val_test(ids, labels, n, test_size, val_size, folds, rng)
         for c in ext_centers:
             sets[f"external:{c}"] = _sorted_list(subjects.loc[subjects["center"] == c, "subject_id"])
     else:
@@ -242,18 +251,7 @@ def make_split(dataset_or_index: Any, dev_centers: Optional[Union[str, list[str]
         if n < 3:
             raise DatasetError("dataset", f"the development center(s) hold only {n} slice(s)",
                                "A split needs at least 3 development slices")
-        trval, test = _stratified_take(keys, labels, float(test_size), rng)
-        lab = dict(zip(keys, labels))
-        trval_lab = np.array([lab[s] for s in trval])
-        val_frac = float(val_size) * n / max(len(trval), 1)
-        train, val = _stratified_take(trval, trval_lab, min(val_frac, 0.99), rng)
-        sets["train"], sets["val"], sets["test"] = _sorted_list(train), _sorted_list(val), _sorted_list(test)
-        if folds:
-            k = int(folds)
-            for i, f in enumerate(_stratified_folds(trval, trval_lab, k, rng)):
-                fs = set(f.tolist())
-                fold_list.append({"fold": i, "train": _sorted_list(s for s in trval if s not in fs),
-                                  "val": _sorted_list(f)})
+        sets, fold_list = _train_val_test(keys, labels, n, test_size, val_size, folds, rng)
         for c in ext_centers:
             r = idx[idx["center"] == c]
             sets[f"external:{c}"] = _sorted_list(slice_key(s, z) for s, z in zip(r["subject_id"], r["slice_index"]))
