@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "name": None,            # free text shown in the report; defaults to the run folder's name
     "manifest": None,        # absolute path of the manifest (filled in by run_study)
     "models": list(PAPER_MODELS),
+    "baselines": ["si_ratio"],  # domain baselines fitted next to the networks (nhb_core.baselines)
     "seed": 0,
     "device": "auto",        # "auto" | "cpu" | "cuda" | "cuda:1" ...
     "n_gpus": 1,             # > 1: each training stage runs under torchrun with this many processes
@@ -113,6 +114,22 @@ def _parse_models(models: Any, source: str) -> list[str]:
     return out
 
 
+def _parse_baselines(value: Any, source: str) -> list[str]:
+    from nhb_core.baselines import BASELINES
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, "'baselines' must be a list of baseline names",
+                          f"Write e.g. baselines: [{', '.join(BASELINES)}] (or [] for none)")
+    bad = [v for v in value if v not in BASELINES]
+    if bad:
+        raise ConfigError(source, f"unknown baseline {bad[0]!r}", f"Use one of: {', '.join(BASELINES)}")
+    return list(dict.fromkeys(value))
+
+
 def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = None,
                    overrides: Optional[Mapping[str, Any]] = None,
                    source: str = "config") -> dict[str, Any]:
@@ -180,6 +197,7 @@ def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = Non
         raise ConfigError("command line", f"unknown override(s) {', '.join(sorted(ov))}", "Check the options")
 
     cfg["models"] = _parse_models(cfg["models"], source)
+    cfg["baselines"] = _parse_baselines(cfg.get("baselines"), source)
     try:
         cfg["seed"] = int(cfg["seed"])
         cfg["n_gpus"] = int(cfg["n_gpus"] or 1)

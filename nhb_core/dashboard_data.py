@@ -20,7 +20,7 @@ import pandas as pd
 from nhb_core.fileio import read_json
 from nhb_core.runs import list_runs, read_events, read_status
 
-STAGE_ORDER = ("queued", "starting", "validate", "prepare", "split", "train", "evaluate", "stats", "saliency", "report")
+STAGE_ORDER = ("queued", "starting", "validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
 
 PAGES_HELP = [
     ("Home", "Runs table (status, models, sets, AUC per model and set, leakage flag) and the cohort summary of the default study."),

@@ -158,11 +158,9 @@ def evaluate_model(model_dir: Union[str, os.PathLike], dataset_dir: Union[str, o
     dict set name -> Path of its ``<set>__subjects.csv`` (the slice file sits next to it,
     ``<set>__slices.csv``).
     """
-    import pandas as pd
-
     from nhb_core.models import load_trained
     from nhb_core.slices import load_dataset
-    from nhb_core.splits import load_split, set_names, set_rows
+    from nhb_core.splits import load_split
 
     if aggregate not in AGGREGATES:
         raise ConfigError("--aggregate", f"unknown aggregation {aggregate!r}", f"Use one of {', '.join(AGGREGATES)}")
@@ -179,7 +177,36 @@ def evaluate_model(model_dir: Union[str, os.PathLike], dataset_dir: Union[str, o
         raise DatasetError(dataset_dir, f"slices are {ds.in_chans} x {ds.images.shape[2]} x {ds.images.shape[3]}, "
                            f"the model was trained on {mj.get('in_chans')} x {mj.get('input_size')}",
                            "Evaluate on a dataset prepared with the model's preprocessing")
-    todo = list(sets) if sets is not None else [s for s in set_names(split_d) if s != "train"]
+    return write_predictions(
+        lambda rows: predict_slices(model, np.asarray(ds.images[rows]), batch_size=batch_size, device=dev, amp=False),
+        name, ds, split_d, out_dir, aggregate=aggregate, progress=progress, sets=sets)
+
+
+def write_predictions(score_rows, name: str, ds, split: dict, out_dir: Union[str, os.PathLike],
+                      aggregate: str = "mean", progress: Optional[ProgressCallback] = None,
+                      sets: Optional[list[str]] = None) -> dict[str, Path]:
+    """Write the ``name`` column of every evaluation set's predictions files.
+
+    The one writer for networks and baselines (``nhb_core.baselines``) alike.
+
+    Parameters
+    ----------
+    score_rows : callable
+        ``score_rows(rows)`` -> float64 [len(rows)] probabilities of label 1 for dataset
+        rows ``rows`` (int64 positions into ``ds.index``).
+    name : str
+        Column name.
+    ds : SliceDataset
+    split : dict
+    out_dir, aggregate, progress, sets : see :func:`evaluate_model`.
+
+    Returns
+    -------
+    dict set name -> Path of its ``<set>__subjects.csv``.
+    """
+    from nhb_core.splits import set_names, set_rows
+
+    todo = list(sets) if sets is not None else [s for s in set_names(split) if s != "train"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = ds.index
@@ -190,10 +217,10 @@ def evaluate_model(model_dir: Union[str, os.PathLike], dataset_dir: Union[str, o
     result: dict[str, Path] = {}
     for k, set_name in enumerate(todo):
         emit(progress, "evaluate", model=name, done=k, total=len(todo), message=set_name)
-        rows = set_rows(split_d, index, set_name)
+        rows = set_rows(split, index, set_name)
         if len(rows) == 0:
             continue
-        probs = predict_slices(model, np.asarray(ds.images[rows]), batch_size=batch_size, device=dev, amp=False)
+        probs = score_rows(rows)
         sl = index.iloc[rows][["subject_id", "center", "slice_index", "label"]].copy()
         sl["subject_id"] = sl["subject_id"].astype(str)
         sl["center"] = sl["center"].astype(str)

@@ -186,7 +186,8 @@ def _init_head(model):
     return model
 
 
-def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathLike]] = None):
+def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathLike]] = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
     """A timm classifier with one output logit.
 
     Parameters
@@ -202,6 +203,10 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
         "imagenet" (or "hub"): timm's hub weights; raises
         :class:`NetworkUnavailableError` when no network is reachable.
 
+    drop_rate, drop_path_rate : float
+        Dropout before the classifier and stochastic depth (timm's arguments; only
+        passed when non-zero, and not used at evaluation).
+
     Returns
     -------
     torch.nn.Module
@@ -209,11 +214,16 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
     """
     timm = _timm()
     check_model_name(name)
+    extra: dict[str, float] = {}
+    if drop_rate:
+        extra["drop_rate"] = float(drop_rate)
+    if drop_path_rate:
+        extra["drop_path_rate"] = float(drop_path_rate)
     in_chans = int(in_chans)
     if in_chans < 1:
         raise ConfigError("dataset", f"in_chans must be >= 1, got {in_chans}", "Check the prepared dataset")
     if weights is None or (isinstance(weights, str) and weights.lower() in ("", "random", "none")):
-        return _init_head(timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1))
+        return _init_head(timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1, **extra))
     if isinstance(weights, str) and weights.lower() in HUB_WEIGHTS:
         if not _network_available():
             raise NetworkUnavailableError(

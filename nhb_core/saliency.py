@@ -76,7 +76,7 @@ def normalize_method(method: str) -> str:
 
 
 def _timm_feature_module(model, input_hw: Optional[tuple[int, int]] = None):
-    """The deepest timm ``feature_info`` stage whose map keeps at least 4 x 4 cells at ``input_hw``.
+    """The deepest timm ``feature_info`` stage whose map keeps at least ``MIN_CAM_CELLS`` cells a side at ``input_hw``.
 
     Falls back to the last stage when ``input_hw`` is unknown or every stage is coarser.
     """
@@ -101,8 +101,9 @@ def _timm_feature_module(model, input_hw: Optional[tuple[int, int]] = None):
 
 
 #: A target layer whose map has fewer cells a side than this (at the crop size) is replaced by
-#: a shallower stage: a 1 x 1 or 2 x 2 map cannot say where in a 32-64 px crop the model looks.
-MIN_CAM_CELLS = 4
+#: a shallower stage: a 1 x 1 or 2 x 2 map cannot say where in a 32-64 px crop the model looks,
+#: and at 4 x 4 one cell (16 x 16 mm on a 64 mm crop) is larger than a globus pallidus (5 x 8 mm).
+MIN_CAM_CELLS = 8
 
 
 def _output_hw(model, layer, in_chans: int, input_hw: tuple[int, int]) -> Optional[tuple[int, int]]:

@@ -55,10 +55,13 @@ from nhb_core.progress import EtaEstimator, ProgressCallback, emit
 
 #: Version of the slice-extraction algorithm; part of every cache key, so that a
 #: change of the algorithm invalidates caches written by an older version.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 
 INDEX_COLUMNS = ["subject_id", "center", "label", "slice_index", "source_sha256", "roi_sha256",
-                 "row", "image_sha256", "roi_voxels"]
+                 "row", "image_sha256", "roi_voxels", "si_left", "si_right", "si_both"]
+#: The signal-intensity ratios of a slice (index.csv columns): GP mean over the median of its
+#: surroundings (see :func:`si_ratios`), left, right and both sides.
+SI_COLUMNS = ["si_left", "si_right", "si_both"]
 PATH_COLUMNS = ("t1", "roi", "t1_path", "roi_path")
 
 
@@ -84,11 +87,23 @@ class PrepareConfig:
         Threshold for ``"min_voxels"`` (voxels of the bilateral ROI in the slice).
     n_central : int
         Number of slices for ``"central"``.
-    norm : {"percentile", "zscore"}
+    norm : {"percentile", "zscore", "reference"}
         ``"percentile"``: ``(x - p_low) / (p_high - p_low)`` with the percentiles
         taken inside the head mask, clipped to [0, 1] when ``clip``.
         ``"zscore"``: ``(x - mean) / std`` inside the head mask, clipped to
         [-z_clip, z_clip] when ``clip``.
+        ``"reference"``: signal relative to the tissue around the GP, as a
+        radiologist reads the sign: ``x / ref - 1`` where ``ref`` is the median
+        raw intensity of the slice's ring of ``ref_ring_mm`` around the ROI
+        (the ROI's 1-pixel border excluded), clipped to [-1, ref_clip - 1] when
+        ``clip``. 0 = as bright as the surroundings; an injured GP is > 0. It
+        removes scanner gain, bias field and the field-strength contrast that a
+        per-volume normalisation leaves in.
+    ref_ring_mm : float
+        Outer width (mm) of the reference ring around the ROI for ``"reference"``.
+    ref_clip : float
+        Upper clip of ``x / ref`` for ``"reference"`` (fat and skin are ~2-3 x the
+        deep grey matter).
     p_low, p_high : float
         Percentiles (0-100) for ``"percentile"``.
     z_clip : float
@@ -111,6 +126,8 @@ class PrepareConfig:
     min_roi_voxels: int = 10
     n_central: int = 3
     norm: str = "percentile"
+    ref_ring_mm: float = 6.0
+    ref_clip: float = 3.0
     p_low: float = 0.5
     p_high: float = 99.5
     z_clip: float = 5.0
@@ -130,6 +147,8 @@ class PrepareConfig:
             self.p_high = float(self.p_high)
             self.z_clip = float(self.z_clip)
             self.head_threshold = float(self.head_threshold)
+            self.ref_ring_mm = float(self.ref_ring_mm)
+            self.ref_clip = float(self.ref_clip)
         except (TypeError, ValueError) as err:
             raise ConfigError(src, f"a numeric option has a non-numeric value ({err})",
                               "Give crop_mm, size, min_roi_voxels, n_central, p_low, p_high as numbers") from None
@@ -149,8 +168,14 @@ class PrepareConfig:
             raise ConfigError(src, f"min_roi_voxels must be at least 1, got {self.min_roi_voxels}", "Use e.g. 10")
         if self.n_central < 1:
             raise ConfigError(src, f"n_central must be at least 1, got {self.n_central}", "Use e.g. 3")
-        if self.norm not in ("percentile", "zscore"):
-            raise ConfigError(src, f"norm must be 'percentile' or 'zscore', got {self.norm!r}", "Choose one of percentile, zscore")
+        if self.norm not in ("percentile", "zscore", "reference"):
+            raise ConfigError(src, f"norm must be 'percentile', 'zscore' or 'reference', got {self.norm!r}",
+                              "Choose one of percentile, zscore, reference")
+        if not (self.ref_ring_mm > 0 and np.isfinite(self.ref_ring_mm)):
+            raise ConfigError(src, f"ref_ring_mm must be a positive number of mm, got {self.ref_ring_mm}",
+                              "Use e.g. ref_ring_mm: 6")
+        if not (self.ref_clip > 1 and np.isfinite(self.ref_clip)):
+            raise ConfigError(src, f"ref_clip must be a number above 1, got {self.ref_clip}", "Use e.g. ref_clip: 3")
         if not 0 <= self.p_low < self.p_high <= 100:
             raise ConfigError(src, f"need 0 <= p_low < p_high <= 100, got {self.p_low}, {self.p_high}", "Use e.g. p_low 0.5, p_high 99.5")
         if not self.z_clip > 0:
@@ -289,6 +314,104 @@ def apply_norm(x: np.ndarray, offset: float, scale: float, config: PrepareConfig
     return x
 
 
+def reference_ring(mask: np.ndarray, config: PrepareConfig) -> np.ndarray:
+    """The reference ring of one crop: pixels more than one pixel and at most
+    ``ref_ring_mm`` mm outside the ROI (bool, shape of ``mask``)."""
+    from scipy import ndimage
+
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return np.zeros_like(m)
+    pix_mm = config.crop_mm / config.size
+    dist_px = ndimage.distance_transform_edt(~m)
+    return (dist_px > 1.0) & (dist_px * pix_mm <= config.ref_ring_mm + 1e-9)
+
+
+def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, name: Optional[str] = None,
+                   background: float = 0.0) -> np.ndarray:
+    """``(raw - background) / (ref - background) - 1`` per slice, ``ref`` the median of
+    the slice's reference ring (``background``: the volume's black level, its minimum).
+
+    Parameters
+    ----------
+    raw : np.ndarray float32 [k, H, W]
+        Crops in the volume's raw intensity units.
+    masks : np.ndarray uint8 [k, H, W]
+        The ROI on the same grid.
+
+    Returns
+    -------
+    np.ndarray float32 [k, H, W]: 0 where as bright as the surroundings, clipped to
+    ``[-1, ref_clip - 1]`` when ``config.clip``.
+
+    >>> import numpy as np
+    >>> cfg = PrepareConfig(norm="reference", size=16, crop_mm=16)
+    >>> raw = np.full((1, 16, 16), 100.0, np.float32); m = np.zeros((1, 16, 16), np.uint8)
+    >>> m[0, 6:10, 6:10] = 1; raw[0][m[0] > 0] = 130.0
+    >>> out = reference_norm(raw, m, cfg)
+    >>> round(float(out[0, 8, 8]), 3), round(float(out[0, 0, 0]), 3)
+    (0.3, 0.0)
+    """
+    out = np.empty(raw.shape, dtype=np.float32)
+    for i in range(raw.shape[0]):
+        ring = reference_ring(masks[i], config)
+        vals = raw[i][ring]
+        ref = float(np.median(vals)) - background if vals.size >= 8 else float("nan")
+        if not (np.isfinite(ref) and ref > 0):
+            raise ImageError(name, f"no usable reference tissue around the ROI on crop slice {i} "
+                                   f"(ring of {config.ref_ring_mm:g} mm: {vals.size} pixels, median {ref:.3g})",
+                             "Check that the ROI lies inside the brain, or use prepare norm: percentile")
+        x = (raw[i].astype(np.float32) - np.float32(background)) / np.float32(ref) - np.float32(1.0)
+        if config.clip:
+            np.clip(x, -1.0, config.ref_clip - 1.0, out=x)
+        out[i] = x
+    return out
+
+
+def si_ratios(raw: np.ndarray, sides: np.ndarray, config: PrepareConfig, background: float = 0.0) -> np.ndarray:
+    """Signal-intensity ratios of the GP on each crop: the quantitative sign a radiologist measures.
+
+    For each side (ROI label 1 = left, 2 = right) and for both together: the mean
+    intensity inside the ROI over the median of its reference ring
+    (:func:`reference_ring`: up to ``ref_ring_mm`` around the ROI, the bilateral
+    ROI and its 1-pixel border excluded), black level ``background`` subtracted.
+
+    Parameters
+    ----------
+    raw : np.ndarray float32 [k, H, W]
+        Crops in raw intensity units.
+    sides : np.ndarray int [k, H, W]
+        ROI labels on the same grid (0, 1 = left, 2 = right; any other non-zero value
+        counts for "both" only).
+
+    Returns
+    -------
+    np.ndarray float64 [k, 3]: (left, right, both); NaN where a side is absent on a crop
+    or its ring has under 8 pixels.
+    """
+    out = np.full((raw.shape[0], 3), np.nan)
+    for i in range(raw.shape[0]):
+        both = sides[i] > 0
+        x = raw[i].astype(np.float64) - background
+        for j, m in enumerate((sides[i] == 1, sides[i] == 2, both)):
+            if not m.any():
+                continue
+            ring = reference_ring(m, config) & ~reference_ring_exclusion(both)
+            if ring.sum() < 8:
+                continue
+            ref = float(np.median(x[ring]))
+            if ref > 0:
+                out[i, j] = float(x[m].mean()) / ref
+    return out
+
+
+def reference_ring_exclusion(mask: np.ndarray) -> np.ndarray:
+    """The ROI and its 1-pixel border (never part of a reference ring)."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(np.asarray(mask) > 0, ndimage.generate_binary_structure(2, 2))
+
+
 def inplane_matrix(affine: Optional[np.ndarray], spacing: tuple[float, ...]) -> np.ndarray:
     """Voxel displacement (along array axes 0, 1) per mm towards patient right / anterior.
 
@@ -359,6 +482,7 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
     -------
     dict with ``images`` float32 [k, C, size, size], ``masks`` uint8 [k, size, size],
     ``slice_index`` int64 [k], ``roi_voxels`` int64 [k], ``centroid_vox`` [3] float,
+    ``si`` float64 [k, 3] (:func:`si_ratios`: left, right, both),
     ``warnings`` list of str.
     """
     from scipy import ndimage
@@ -413,6 +537,7 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
     C = 2 if config.roi_channel else 1
     images = np.full((k, C, config.size, config.size), background, dtype=np.float32)
     masks = np.zeros((k, config.size, config.size), dtype=np.uint8)
+    sides = np.zeros((k, config.size, config.size), dtype=np.uint8)
     if x0 < x1 and y0 < y1:  # the crop overlaps the image
         local = coords - np.array([x0, y0], dtype=np.float64)[:, None, None]
         for i, z in enumerate(sel):
@@ -420,14 +545,22 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
             if sigma[0] > 0 or sigma[1] > 0:
                 sl = ndimage.gaussian_filter(sl, sigma=sigma, mode="nearest")
             images[i, 0] = ndimage.map_coordinates(sl, local, order=1, mode="constant", cval=background)
-            masks[i] = ndimage.map_coordinates((roi[x0:x1, y0:y1, z] > 0).view(np.uint8), local, order=0,
-                                               mode="constant", cval=0)
-    images[:, 0] = apply_norm(images[:, 0], offset, scale, config)
+            sides[i] = ndimage.map_coordinates(np.clip(roi[x0:x1, y0:y1, z], 0, 3).astype(np.uint8), local,
+                                               order=0, mode="constant", cval=0)
+            masks[i] = sides[i] > 0
+    # left/right ratios need the 1 = left, 2 = right labelling; any other labelling gives "both" only
+    if set(np.unique(roi[ix, iy, iz]).tolist()) != {1, 2}:
+        sides = masks.copy() * np.uint8(3)
+    si = si_ratios(images[:, 0], sides, config, background=background)
+    if config.norm == "reference":
+        images[:, 0] = reference_norm(images[:, 0], masks, config, name=t1_name, background=background)
+    else:
+        images[:, 0] = apply_norm(images[:, 0], offset, scale, config)
     if config.roi_channel:
         images[:, 1] = masks
     roi_voxels = counts[sel]
     return {"images": images, "masks": masks, "slice_index": sel, "roi_voxels": roi_voxels,
-            "centroid_vox": np.array(centroid), "warnings": warnings}
+            "centroid_vox": np.array(centroid), "si": si, "warnings": warnings}
 
 
 def process_subject(t1_path: str, roi_path: str, config: PrepareConfig) -> dict[str, Any]:
@@ -502,7 +635,7 @@ def subject_cache_key(t1_sha: str, roi_sha: str, config_sha: str) -> str:
     return sha256_json({"t1": t1_sha, "roi": roi_sha, "config": config_sha})
 
 
-_CACHE_FIELDS = ("images", "masks", "slice_index", "roi_voxels", "centroid_vox", "warnings")
+_CACHE_FIELDS = ("images", "masks", "slice_index", "roi_voxels", "centroid_vox", "si", "warnings")
 CACHE_SUFFIX = ".npys"
 
 
@@ -793,7 +926,8 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
                          "slice_index": int(arr["slice_index"][s]), "source_sha256": res["t1_sha"],
                          "roi_sha256": res["roi_sha"], "row": row,
                          "image_sha256": sha256_bytes(np.ascontiguousarray(arr["images"][s]).tobytes()),
-                         "roi_voxels": int(arr["roi_voxels"][s])})
+                         "roi_voxels": int(arr["roi_voxels"][s]),
+                         **{c: float(arr["si"][s, j]) for j, c in enumerate(SI_COLUMNS)}})
             row += 1
         subj_extra.append({"n_slices": k, "t1_sha256": res["t1_sha"], "roi_sha256": res["roi_sha"],
                            "cache_key": res["key"]})

@@ -45,10 +45,10 @@ from nhb_core.fileio import atomic_write_json, read_json, sha256_file, sha256_js
 from nhb_core.progress import ProgressCallback, chain, emit
 from nhb_core.runs import append_log, event_logger, now_iso, read_status, write_status
 
-STAGES = ("validate", "prepare", "split", "train", "evaluate", "stats", "saliency", "report")
+STAGES = ("validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
 
 #: Bump when a stage's code changes what it writes, so old caches are redone.
-STAGE_VERSION = {"validate": 1, "prepare": 1, "split": 1, "train": 1, "evaluate": 1,
+STAGE_VERSION = {"validate": 1, "prepare": 1, "split": 1, "train": 1, "baseline": 1, "evaluate": 1,
                  "stats": 1, "saliency": 1, "report": 1}
 
 
@@ -373,6 +373,29 @@ class _Study:
             self.stage(key, "train", fp, model_sha, do_train, model=name)
             model_shas[name] = self.cache.get(key)["output_sha256"]
 
+        # baselines (si_ratio): fitted on the train set, threshold on val ----------
+        from nhb_core.baselines import BASELINES
+
+        base_dir = rd / "baselines"
+        base_shas: dict[str, str] = {}
+        for bname in cfg.get("baselines") or []:
+            bpath = base_dir / f"{bname}.json"
+
+            def do_baseline(bname: str = bname, bpath: Path = bpath) -> None:
+                from nhb_core.slices import load_dataset
+                from nhb_core.splits import load_split, set_rows
+
+                ds = load_dataset(ds_dir)
+                split = load_split(split_path)
+                val = set_rows(split, ds.index, "val") if "val" in split["sets"] else None
+                b = BASELINES[bname]().fit(ds.index, set_rows(split, ds.index, "train"), val,
+                                           aggregate=cfg["evaluate"].get("aggregate", "mean"))
+                atomic_write_json(bpath, b.to_dict())
+
+            self.stage(f"baseline:{bname}", "baseline", sha256_json([ds_sha, split_sha, bname]),
+                       lambda bpath=bpath: _sha_or_none(bpath), do_baseline, model=bname)
+            base_shas[bname] = self.cache.get(f"baseline:{bname}")["output_sha256"]
+
         # evaluate ---------------------------------------------------------------
         from nhb_core.evaluate import evaluate_model
 
@@ -393,8 +416,11 @@ class _Study:
                                aggregate=ecfg.get("aggregate", "mean"), batch_size=int(ecfg.get("batch_size", 128)),
                                device=str(cfg.get("device") or "auto"), model_name=name,
                                progress=_tag(self.progress, "evaluate", model=name))
+            evaluate_baselines(rd, ds_dir, split_path, pred_dir, aggregate=ecfg.get("aggregate", "mean"),
+                               progress=_tag(self.progress, "evaluate"))
 
-        self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, ecfg]), preds_sha, do_evaluate)
+        self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, base_shas, ecfg]), preds_sha,
+                   do_evaluate)
         pred_sha = self.cache.get("evaluate")["output_sha256"]
 
         # stats ------------------------------------------------------------------
@@ -406,7 +432,7 @@ class _Study:
                                 {"manifest": man_sha, "dataset": ds_sha, "split": split_sha,
                                  "models": model_shas, "predictions": pred_sha})
 
-        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]),
+        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, base_shas, stcfg, cfg["seed"]]),
                    lambda: _sha_many([metrics_path, rd / "tables"]), do_stats)
         metrics_sha = self.cache.get("stats")["output_sha256"]
 
@@ -511,6 +537,12 @@ class _Study:
             model_info[name] = {k: mj.get(k) for k in ("architecture", "timm_name", "in_chans", "input_size",
                                                        "threshold", "threshold_level", "best_epoch", "val_auc",
                                                        "seed") if k in mj}
+        baselines: dict[str, Any] = {}
+        for bname in self.cfg.get("baselines") or []:
+            bj = read_json(rd / "baselines" / f"{bname}.json")
+            if bj.get("threshold") is not None:
+                thresholds[bname] = float(bj["threshold"])
+            baselines[bname] = {k: bj.get(k) for k in ("kind", "features", "model", "threshold", "val_auc")}
         subjects = pd.read_csv(ds_dir / "subjects.csv")
         readers = [c for c in subjects.columns if c.startswith("reader_")]
         scfg = self.cfg["stats"]
@@ -529,6 +561,7 @@ class _Study:
                 "git_commit": _git_commit(),
                 "sha256": hashes,
                 "models": model_info,
+                "baselines": baselines,
                 "readers": readers,
                 "split_unit": split.get("unit"),
             },
@@ -759,6 +792,36 @@ def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- public API
+
+def evaluate_baselines(run_dir: Path, ds_dir: Path, split: "Any", pred_dir: Path, aggregate: str = "mean",
+                       progress: Optional[ProgressCallback] = None, names: Optional[list[str]] = None,
+                       sets: Optional[list[str]] = None) -> list[str]:
+    """Write the predictions columns of the run's fitted baselines (``RUN/baselines/*.json``).
+
+    ``split`` is a split dict or path; ``names`` default: every fitted baseline of the run.
+    Returns the names written.
+    """
+    from nhb_core.baselines import load_baseline
+    from nhb_core.evaluate import write_predictions
+    from nhb_core.slices import load_dataset
+    from nhb_core.splits import load_split
+
+    bdir = Path(run_dir) / "baselines"
+    files = sorted(bdir.glob("*.json")) if bdir.is_dir() else []
+    done = []
+    if not files:
+        return done
+    ds = load_dataset(ds_dir)
+    split_d = split if isinstance(split, dict) else load_split(split)
+    for f in files:
+        b = load_baseline(read_json(f))
+        if names is not None and b.name not in names:
+            continue
+        write_predictions(lambda rows, b=b: b.predict(ds.index, rows), b.name, ds, split_d, pred_dir,
+                          aggregate=aggregate, progress=progress, sets=sets)
+        done.append(b.name)
+    return done
+
 
 def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
               config: Optional[Mapping[str, Any] | str | os.PathLike] = None,

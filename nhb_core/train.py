@@ -104,6 +104,26 @@ class TrainConfig:
     keep_checkpoint : bool
         Keep ``checkpoint.pt`` after a successful run (it is deleted by default: model.json
         and model.safetensors are the result).
+    steps : int or None
+        Training budget in optimiser steps; when given it replaces ``epochs``
+        (``epochs = ceil(steps / steps per epoch)``), so the budget does not change
+        with the size of the cohort's training set.
+    ema : float or None
+        Decay per optimiser step of an exponential moving average of the weights
+        (timm ``ModelEmaV3`` with warm-up); validation, the selected checkpoint and
+        the thresholds use the averaged weights. None or 0: no averaging.
+    select : {"best", "last"}
+        Which weights are kept: ``"best"`` validation AUC (subject level) or the
+        ``"last"`` epoch's (robust when the validation set is small: its AUC then has
+        a standard error near 0.06 and picking its maximum over epochs is noise).
+        Early stopping applies to ``"best"`` only.
+    label_smoothing : float
+        Targets ``y * (1 - a) + a / 2`` in the loss (0 = none).
+    mixup : float
+        Mixup Beta(alpha, alpha) parameter (0 = none): pairs of training images and
+        their labels are blended with one weight per image.
+    drop_rate, drop_path_rate : float
+        Dropout before the classifier and stochastic depth (timm's arguments).
     """
 
     epochs: int = 10
@@ -126,6 +146,13 @@ class TrainConfig:
     aggregate: str = "mean"
     grad_clip: Optional[float] = 1.0
     keep_checkpoint: bool = False
+    steps: Optional[int] = None
+    ema: Optional[float] = None
+    select: str = "best"
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         src = "train config"
@@ -141,8 +168,15 @@ class TrainConfig:
                 if isinstance(v, bool) or float(v) != int(v):
                     raise ValueError(f"{name}={v!r}")
                 setattr(self, name, int(v))
-            for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio"):
+            for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "label_smoothing", "mixup",
+                         "drop_rate", "drop_path_rate"):
                 setattr(self, name, float(getattr(self, name)))
+            if self.steps is not None:
+                if isinstance(self.steps, bool) or float(self.steps) != int(self.steps):
+                    raise ValueError(f"steps={self.steps!r}")
+                self.steps = int(self.steps)
+            if self.ema is not None:
+                self.ema = float(self.ema) or None
         except (TypeError, ValueError) as err:
             raise ConfigError(src, f"a numeric option has a bad value ({err})",
                               "Give epochs, batch_size, patience, seed as integers and lr, weight_decay as numbers") from None
@@ -176,6 +210,13 @@ class TrainConfig:
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1", "Use e.g. eval_batch_size: 256"),
             (self.aggregate in ("mean", "median", "max"), f"aggregate must be mean, median or max, got {self.aggregate!r}",
              "Use aggregate: mean"),
+            (self.steps is None or self.steps >= 1, "steps must be >= 1 (or null to use epochs)", "Use e.g. steps: 600"),
+            (self.ema is None or 0 < self.ema < 1, "ema must be a decay in (0, 1) or null", "Use e.g. ema: 0.99"),
+            (self.select in ("best", "last"), f"select must be best or last, got {self.select!r}", "Use select: last"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)", "Use e.g. label_smoothing: 0.1"),
+            (0 <= self.mixup <= 10, "mixup must be in [0, 10] (0 = off)", "Use e.g. mixup: 0.2"),
+            (0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "drop_rate and drop_path_rate must be in [0, 1)",
+             "Use e.g. drop_rate: 0.2"),
             (isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}", "Use device: auto"),
         ]
@@ -425,11 +466,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceTensors, batches: list,
                     device, amp_dtype=None, aug_gen=None, aug_config=None, intensity_channels=None,
-                    on_step=None, grad_clip: Optional[float] = None) -> tuple[float, int]:
+                    on_step=None, grad_clip: Optional[float] = None, ema=None, label_smoothing: float = 0.0,
+                    mixup: float = 0.0, mix_rng: Optional[np.random.Generator] = None,
+                    first_step: int = 0) -> tuple[float, int]:
     """One pass over ``batches`` (lists of positions into ``data``).
 
     Returns (sum of per-image losses, number of images) on this rank. ``on_step(i)``
-    is called after optimiser step ``i`` (0-based).
+    is called after optimiser step ``i`` (0-based). ``ema`` (a timm ``ModelEmaV3``)
+    is updated after every step (global step ``first_step + i + 1``, for its warm-up); ``mixup`` > 0 blends each image and label with
+    another of the batch (weights Beta(mixup, mixup) from ``mix_rng``).
     """
     import torch
 
@@ -442,6 +487,13 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
         x, y = data.batch(pos)
         if aug_gen is not None:
             x = augment_batch(x, aug_gen, aug_config, intensity_channels=intensity_channels)
+        if mixup > 0 and mix_rng is not None and len(pos) > 1:
+            lam = torch.as_tensor(mix_rng.beta(mixup, mixup, size=len(pos)), dtype=x.dtype, device=x.device)
+            perm = torch.as_tensor(mix_rng.permutation(len(pos)), device=x.device)
+            x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+            y = lam * y + (1 - lam) * y[perm]
+        if label_smoothing > 0:
+            y = y * (1 - label_smoothing) + 0.5 * label_smoothing
         with autocast_ctx(device, amp_dtype):
             logits = model(x).reshape(-1)
         loss = criterion(logits.float(), y)
@@ -454,6 +506,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(getattr(model, "module", model), step=first_step + i + 1)
         loss_sum += loss.detach().double() * len(pos)
         n += len(pos)
         if on_step is not None:
@@ -751,7 +805,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
 
     # model: same initial weights on every rank
     torch.manual_seed(cfg.seed)
-    model = create_model(model_name, ds.in_chans, weights=weights).to(device)
+    model = create_model(model_name, ds.in_chans, weights=weights, drop_rate=cfg.drop_rate,
+                         drop_path_rate=cfg.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = model
@@ -771,7 +826,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     if steps == 0:
         raise DatasetError("split", f"the train set ({len(train_rows)} slices) is too small for one batch",
                            "Use a larger train set or fewer processes")
-    total_steps = steps * cfg.epochs
+    n_epochs = cfg.epochs if cfg.steps is None else int(math.ceil(cfg.steps / steps))
+    total_steps = steps * n_epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps))
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
@@ -784,6 +840,13 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     aug_cfg = AugmentConfig.from_dict(cfg.augment_params)
     intensity_channels = ds.in_chans - (1 if (ds.meta.get("config") or {}).get("roi_channel") else 0)
     aug_gen = torch.Generator(device=device) if cfg.augment else None
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True, device=device)
+    # the weights that are validated and kept: the running average when there is one
+    eval_model = ema.module if ema is not None else model
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -796,6 +859,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             raise RunError(ckpt_path, "the checkpoint was made with another model, config, dataset, split or "
                                       "number of processes", "Train without --resume to start over")
         model.load_state_dict(ck["model"])
+        if ema is not None and ck.get("ema"):
+            ema.module.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
@@ -805,10 +870,10 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         best = dict(ck["best"])
         bad_epochs = int(ck["bad_epochs"])
         emit(progress, "train", model=model_name, message=f"resuming after epoch {start_epoch}")
-        if bad_epochs >= cfg.patience > 0 or start_epoch >= cfg.epochs:
-            start_epoch = cfg.epochs  # it had already stopped: finish
-    emit(progress, "train", model=model_name, epoch=min(start_epoch + 1, cfg.epochs), epochs=cfg.epochs,
-         step=0 if start_epoch < cfg.epochs else steps, steps=steps,
+        if bad_epochs >= cfg.patience > 0 or start_epoch >= n_epochs:
+            start_epoch = n_epochs  # it had already stopped: finish
+    emit(progress, "train", model=model_name, epoch=min(start_epoch + 1, n_epochs), epochs=n_epochs,
+         step=0 if start_epoch < n_epochs else steps, steps=steps,
          message=f"{model_name}: {len(train_rows)} train / {len(val_rows)} val slices on {device}"
                  + (f" x{dinfo.world_size}" if dinfo.distributed else ""))
 
@@ -817,7 +882,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     t_session = time.monotonic()
     steps_session = 0
     epoch = start_epoch
-    while epoch < cfg.epochs:
+    while epoch < n_epochs:
         t_epoch = time.monotonic()
         torch.manual_seed(_mix_seed(cfg.seed, epoch, dinfo.rank, 1))
         if aug_gen is not None:
@@ -831,13 +896,15 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             if progress is None:
                 return
             rate = (time.monotonic() - t_session) / steps_session
-            remaining = (cfg.epochs - epoch - 1) * steps + (steps - i - 1)
-            emit(progress, "train", model=model_name, epoch=epoch + 1, epochs=cfg.epochs, step=i + 1, steps=steps,
+            remaining = (n_epochs - epoch - 1) * steps + (steps - i - 1)
+            emit(progress, "train", model=model_name, epoch=epoch + 1, epochs=n_epochs, step=i + 1, steps=steps,
                  eta_s=round(rate * remaining, 1))
 
+        mix_rng = np.random.default_rng(_mix_seed(cfg.seed, epoch, dinfo.rank, 3))
         loss_sum, n_seen = train_one_epoch(ddp_model, optimizer, scheduler, scaler, criterion, data, batches, device,
                                            amp_dtype, aug_gen, aug_cfg, intensity_channels, on_step,
-                                           grad_clip=cfg.grad_clip)
+                                           grad_clip=cfg.grad_clip, ema=ema, label_smoothing=cfg.label_smoothing,
+                                           mixup=cfg.mixup, mix_rng=mix_rng, first_step=epoch * steps)
         if dinfo.distributed:
             red = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64,
                                device=device if device.type == "cuda" else torch.device("cpu"))
@@ -847,7 +914,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
                 dist.broadcast(b, 0)
         # validation: each rank predicts positions rank::world, then all of them are gathered
         vpos = data.val_pos[dinfo.rank::dinfo.world_size]
-        local = _predict_positions(model, data, vpos, cfg.eval_batch_size, device, amp_dtype)
+        local = _predict_positions(eval_model, data, vpos, cfg.eval_batch_size, device, amp_dtype)
         vprob = _gather_predictions(local, len(val_rows), dinfo)
         vm = validation_metrics(val_sids, val_labels, vprob, cfg.aggregate)
         lr_now = float(optimizer.param_groups[0]["lr"])
@@ -856,7 +923,9 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         history.append(row)
         auc, vloss = vm["val_auc"], vm["val_loss"]
         best_auc = best["val_auc"]
-        if math.isfinite(auc) and math.isfinite(best_auc):
+        if cfg.select == "last":
+            improved = True  # keep the latest weights; "best" records the kept epoch
+        elif math.isfinite(auc) and math.isfinite(best_auc):
             improved = auc > best_auc or (auc == best_auc and vloss < best["val_loss"])
         elif math.isfinite(auc):
             improved = True
@@ -870,14 +939,15 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         else:
             bad_epochs += 1
         epoch += 1
-        stop = cfg.patience > 0 and bad_epochs >= cfg.patience
+        stop = cfg.select == "best" and cfg.patience > 0 and bad_epochs >= cfg.patience
         if dinfo.is_main:
             if improved:
-                save_weights(model, out / "model.safetensors")
+                save_weights(eval_model, out / "model.safetensors")
             _write_history(out / "history.csv", history)
             _save_checkpoint(ckpt_path, {
                 "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "model_name": model_name,
                 "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "ema": ({k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else {}),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if use_scaler else {},
                 "rng": {"torch": torch.get_rng_state(),
@@ -887,9 +957,9 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             metrics = {"loss": row["train_loss"], "val_loss": vloss, "val_auc": auc,
                        "val_auc_slice": vm["val_auc_slice"], "lr": lr_now, "best_epoch": best["epoch"]}
             rate = (time.monotonic() - t_session) / max(1, steps_session)
-            emit(progress, "train", model=model_name, epoch=epoch, epochs=cfg.epochs, step=steps, steps=steps,
+            emit(progress, "train", model=model_name, epoch=epoch, epochs=n_epochs, step=steps, steps=steps,
                  metrics={k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()},
-                 eta_s=0.0 if stop else round(rate * (cfg.epochs - epoch) * steps, 1))
+                 eta_s=0.0 if stop else round(rate * (n_epochs - epoch) * steps, 1))
         if stop:
             break
 
@@ -898,9 +968,9 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         from safetensors.torch import load_file
 
         if not (out / "model.safetensors").exists():
-            save_weights(model, out / "model.safetensors")
-        model.load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
-        vprob = _predict_positions(model, data, data.val_pos, cfg.eval_batch_size, device, amp_dtype)
+            save_weights(eval_model, out / "model.safetensors")
+        eval_model.load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
+        vprob = _predict_positions(eval_model, data, data.val_pos, cfg.eval_batch_size, device, amp_dtype)
         vm = validation_metrics(val_sids, val_labels, vprob, cfg.aggregate)
         thr = youden_thresholds(val_sids, val_labels, vprob, cfg.aggregate)
         h, w = int(ds.images.shape[2]), int(ds.images.shape[3])
@@ -918,7 +988,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             "threshold": thr["threshold"], "threshold_level": "subject", "threshold_rule": "youden",
             "threshold_slice": thr["threshold_slice"], "aggregate": cfg.aggregate,
             "val_auc": vm["val_auc"], "val_auc_slice": vm["val_auc_slice"], "val_loss": vm["val_loss"],
-            "best_epoch": int(best["epoch"]), "epochs_run": len(history), "stopped_early": len(history) < cfg.epochs,
+            "best_epoch": int(best["epoch"]), "epochs_run": len(history), "stopped_early": len(history) < n_epochs,
+            "selected": cfg.select, "ema": cfg.ema,
             "seed": cfg.seed, "train_config": cfg.to_dict(), "weights": w_info,
             "data_sha256": data_sha, "split_sha256": split_sha,
             "dataset_dir": str(Path(dataset_dir).resolve()), "split_path": split_path,

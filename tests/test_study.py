@@ -20,7 +20,7 @@ from nhb_core.errors import ConfigError, NHBError
 from nhb_core.fileio import read_json
 from nhb_core.runs import read_events, read_status
 
-STAGE_NAMES = {"validate", "prepare", "split", "train", "evaluate", "stats", "saliency", "report"}
+STAGE_NAMES = {"validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report"}
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
