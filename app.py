@@ -74,7 +74,10 @@ with ui.guard():
                                         for k, v in flow["sets"].items()]))
         if m.get("oracle_auc"):
             st.caption("Synthetic cohort: oracle (best achievable) AUC per center: "
-                       + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items()))
+                       + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items())
+                       + ("; image-visible signal AUC (ceiling of an image model): "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in m["visible_auc"].items())
+                          if m.get("visible_auc") else ""))
 
 st.subheader("Pages")
 st.markdown("\n".join(f"- **{page}**: {what}" for page, what in dd.PAGES_HELP))

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "models": list(PAPER_MODELS),
     "baselines": ["si_ratio"],  # domain baselines fitted next to the networks (nhb_core.baselines)
     "seed": 0,
+    "seeds": None,           # repeats: e.g. [0, 1, 2]; the run itself uses the first, the others go to RUN/seeds/
     "device": "auto",        # "auto" | "cpu" | "cuda" | "cuda:1" ...
     "n_gpus": 1,             # > 1: each training stage runs under torchrun with this many processes
     "cache_dir": None,       # None: the prepared dataset lives in RUNDIR/dataset; else shared, keyed by its fingerprint
@@ -112,6 +113,27 @@ def _parse_models(models: Any, source: str) -> list[str]:
     if len(set(out)) != len(out):
         raise ConfigError(source, f"'models' lists a model twice ({', '.join(out)})", "List each model once")
     return out
+
+
+def _parse_seeds(value: Any, source: str) -> Optional[list[int]]:
+    if value is None or value == []:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        seeds = [int(v) for v in value if not isinstance(v, bool) and float(v) == int(v)]
+    except (TypeError, ValueError):
+        seeds = []
+    if not isinstance(value, (list, tuple)) or len(seeds) != len(value) or any(s < 0 for s in seeds):
+        raise ConfigError(source, f"'seeds' must be a list of non-negative integers, not {value!r}",
+                          "Write e.g. seeds: [0, 1, 2] (or --seeds 0,1,2)")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(source, f"'seeds' lists a seed twice ({', '.join(map(str, seeds))})", "List each seed once")
+    if len(seeds) > 20:
+        raise ConfigError(source, f"'seeds' lists {len(seeds)} repeats", "Use at most 20 seeds")
+    return seeds
 
 
 def _parse_baselines(value: Any, source: str) -> list[str]:
@@ -183,6 +205,8 @@ def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = Non
         cfg["train"]["epochs"] = int(ov.pop("epochs"))
     if "split_unit" in ov:
         cfg["split"]["unit"] = ov.pop("split_unit")
+    if "seeds" in ov:
+        cfg["seeds"] = ov.pop("seeds")
     if "seed" in ov:
         seed = int(ov.pop("seed"))
         cfg["seed"] = seed
@@ -198,6 +222,10 @@ def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = Non
 
     cfg["models"] = _parse_models(cfg["models"], source)
     cfg["baselines"] = _parse_baselines(cfg.get("baselines"), source)
+    cfg["seeds"] = _parse_seeds(cfg.get("seeds"), source)
+    if cfg["seeds"]:
+        cfg["seed"] = cfg["seeds"][0]
+        cfg["split"]["seed"] = cfg["train"]["seed"] = None
     try:
         cfg["seed"] = int(cfg["seed"])
         cfg["n_gpus"] = int(cfg["n_gpus"] or 1)

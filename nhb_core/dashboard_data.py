@@ -445,6 +445,12 @@ def auc_table(metrics: dict, level: str = "subject") -> pd.DataFrame:
                     v = v.get("value")
                 if v is not None:
                     row[k] = v
+            at5 = mm.get("at_0.5") or {}
+            if isinstance(at5.get("accuracy"), dict) and at5["accuracy"].get("value") is not None:
+                row["accuracy at 0.5"] = at5["accuracy"]["value"]
+            cal = mm.get("calibration") or {}
+            if cal.get("slope") is not None:
+                row["calibration slope"] = cal["slope"]
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -95,9 +95,18 @@ def _centers_of(metrics: Mapping[str, Any], set_name: str) -> list[str]:
     return []
 
 
-def oracle_for_set(metrics: Mapping[str, Any], set_name: str) -> Optional[float]:
-    """The synthetic cohort's oracle AUC for a set's center(s) (mean over them), or None."""
-    oa = metrics.get("oracle_auc") or {}
+def oracle_for_set(metrics: Mapping[str, Any], set_name: str, key: str = "oracle_auc") -> Optional[float]:
+    """The synthetic cohort's oracle AUC for a set's center(s) (mean over them), or None.
+
+    ``key="visible_auc"``: the image-visible signal's AUC (the ceiling of an image model)."""
+    if set_name.startswith("external:"):
+        # a cohort evaluated later (nhb_core.cohorts) carries its own synthetic truth, if any
+        ext = (metrics.get("external_cohorts") or {}).get(set_name.split(":", 1)[1])
+        if ext is not None:
+            own = ext.get(key) or {}
+            vals = [float(v) for c, v in own.items() if v is not None and c in (ext.get("centers") or own)]
+            return float(np.mean(vals)) if vals else None
+    oa = metrics.get(key) or {}
     vals = [oa[c] for c in _centers_of(metrics, set_name) if oa.get(c) is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -181,6 +190,11 @@ def roc_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject"
         ofpr, otpr = binormal_roc(oracle)
         fig.add_trace(go.Scatter(x=ofpr, y=otpr, mode="lines", line=dict(color="#555555", dash="dot", width=1.5),
                                  name=f"oracle (synthetic truth) AUC {oracle:.3f}", hoverinfo="skip"))
+    visible = oracle_for_set(metrics, set_name, "visible_auc") if show_oracle else None
+    if visible is not None:
+        vfpr, vtpr = binormal_roc(visible)
+        fig.add_trace(go.Scatter(x=vfpr, y=vtpr, mode="lines", line=dict(color="#999999", dash="dash", width=1.5),
+                                 name=f"image-visible signal (ceiling) AUC {visible:.3f}", hoverinfo="skip"))
     fig.update_layout(title=title, height=height, xaxis=dict(title="1 - specificity (FPR)", range=[-0.01, 1.01]),
                       yaxis=dict(title="sensitivity (TPR)", range=[-0.01, 1.01], scaleanchor="x", scaleratio=1),
                       legend=dict(x=0.38, y=0.02, bgcolor="rgba(255,255,255,0.8)", font=dict(size=10)), **LAYOUT)
@@ -472,6 +486,11 @@ def auc_bar_figure(metrics: Mapping[str, Any], level: str = "subject") -> go.Fig
             fig.add_trace(go.Scatter(x=[set_label(s)], y=[o], mode="markers", marker=dict(symbol="line-ew-open", size=40,
                                      color="#555555", line=dict(width=2)), name="oracle AUC",
                                      showlegend=s == sets[0]))
+        v = oracle_for_set(metrics, s, "visible_auc")
+        if v is not None:
+            fig.add_trace(go.Scatter(x=[set_label(s)], y=[v], mode="markers", marker=dict(symbol="line-ew-open", size=40,
+                                     color="#999999", line=dict(width=2, dash="dash")),
+                                     name="image-visible signal AUC (ceiling)", showlegend=s == sets[0]))
     fig.update_layout(title=title, barmode="group", height=360, yaxis=dict(title="AUC", range=[0, 1.05]), **LAYOUT)
     return fig
 

@@ -129,7 +129,7 @@ def _as_tuple(v) -> tuple:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike]):
+def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike], extra: Optional[dict] = None):
     """Model ``name`` with ``in_chans`` inputs and one logit, holding the file's weights
     (every tensor but the classifier's; the stem adapted to ``in_chans``)."""
     import torch
@@ -137,7 +137,7 @@ def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike])
 
     timm = _timm()
     sd = read_state_dict(path)
-    model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1)
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1, **(extra or {}))
     cfg = dict(model.pretrained_cfg or {})
     classifiers = _as_tuple(cfg.get("classifier"))
     cls_keys = {f"{c}.{s}" for c in classifiers for s in ("weight", "bias")}
@@ -200,8 +200,11 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
         None / "random": random initialisation (seed it with ``torch.manual_seed``).
         A path: local ImageNet weights (safetensors or state dict, timm or torchvision
         layout), stem adapted to ``in_chans``, classifier dropped.
-        "imagenet" (or "hub"): timm's hub weights; raises
-        :class:`NetworkUnavailableError` when no network is reachable.
+        "imagenet" (or "hub"): ImageNet weights from, in order, the folder
+        ``$NHB_WEIGHTS_DIR`` (:func:`local_imagenet_weights`), the Hugging Face cache
+        (timm's pretrained weights, no download), the hub when a network is reachable;
+        else :class:`NetworkUnavailableError` saying how to place them (never a silent
+        fall-back to random weights).
 
     drop_rate, drop_path_rate : float
         Dropout before the classifier and stochastic depth (timm's arguments; only
@@ -224,18 +227,106 @@ def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathL
         raise ConfigError("dataset", f"in_chans must be >= 1, got {in_chans}", "Check the prepared dataset")
     if weights is None or (isinstance(weights, str) and weights.lower() in ("", "random", "none")):
         return _init_head(timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=1, **extra))
+    weights = os.fspath(weights) if isinstance(weights, os.PathLike) else weights
     if isinstance(weights, str) and weights.lower() in HUB_WEIGHTS:
+        local = local_imagenet_weights(name)
+        if local is not None:
+            return _init_head(_load_local_weights(name, in_chans, local, extra))
+        cached = _hf_cached_model(name, in_chans, extra)
+        if cached is not None:
+            return _init_head(cached)
         if not _network_available():
+            wdir = os.environ.get(WEIGHTS_ENV) or "<folder>"
             raise NetworkUnavailableError(
-                "--weights", f"hub weights for {name} were requested but no network is reachable",
-                "Download the ImageNet weights once elsewhere and pass the local file with --weights FILE, "
-                "or train from random weights")
+                "--weights", f"ImageNet weights for {name} were requested but none are on this machine "
+                f"({WEIGHTS_ENV}, the Hugging Face cache) and no network is reachable",
+                f"Place {name}.safetensors (timm or torchvision layout) in {wdir} and set {WEIGHTS_ENV}={wdir}, "
+                "pass the local file with --weights FILE, or ask for random weights (weights: random)")
         try:
-            return _init_head(timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1))
+            return _init_head(timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1, **extra))
         except OSError as err:
             raise NetworkUnavailableError("--weights", f"could not fetch hub weights for {name} ({type(err).__name__})",
                                           "Pass a local weights file with --weights FILE") from None
-    return _init_head(_load_local_weights(name, in_chans, weights))
+    return _init_head(_load_local_weights(name, in_chans, weights, extra))
+
+
+#: Environment variable naming a folder of local ImageNet weights (``<model>.safetensors`` ...).
+WEIGHTS_ENV = "NHB_WEIGHTS_DIR"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def local_imagenet_weights(name: str) -> Optional[Path]:
+    """The ImageNet weights file of ``name`` in the folder ``$NHB_WEIGHTS_DIR``, or None.
+
+    Looks for ``<name>.safetensors`` (then ``.pth``, ``.pt``, ``.bin``), also under the
+    timm pretrained tag (``resnet18.a1_in1k.safetensors``) and in a sub-folder
+    ``<name>/`` (``model.safetensors``, ``pytorch_model.bin``, as the hub stores them).
+    """
+    d = os.environ.get(WEIGHTS_ENV)
+    if not d:
+        return None
+    folder = Path(d).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(WEIGHTS_ENV, f"{folder} is not a folder",
+                          f"Set {WEIGHTS_ENV} to the folder that holds <model>.safetensors files")
+    stems = [name]
+    try:
+        tag = getattr(_timm().models.get_pretrained_cfg(name), "tag", None)
+        if tag:
+            stems.append(f"{name}.{tag}")
+    except Exception:  # noqa: BLE001 - no pretrained cfg: plain names only
+        pass
+    for stem in stems:
+        for suf in _WEIGHT_SUFFIXES:
+            if (folder / f"{stem}{suf}").is_file():
+                return folder / f"{stem}{suf}"
+        for inner in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / stem / inner).is_file():
+                return folder / stem / inner
+    return None
+
+
+def _hf_cached_model(name: str, in_chans: int, extra: dict):
+    """timm's pretrained model from the Hugging Face cache alone (no download), or None."""
+    timm = _timm()
+    prev = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(name, pretrained=True, in_chans=in_chans, num_classes=1, **extra)
+    except Exception:  # noqa: BLE001 - not in the cache (or no pretrained weights for this name)
+        return None
+    finally:
+        if prev is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = prev
+
+
+def check_input_size(model, name: str, in_chans: int, input_hw: tuple[int, int], source: str = "dataset") -> None:
+    """Raise :class:`ConfigError` when ``model`` cannot take ``input_hw`` images.
+
+    Architectures that downsample 32x with pooling (DenseNet's transitions) fail with a
+    raw RuntimeError below their minimum size; this turns it into one line before any
+    training starts (one forward pass of two zero images, no gradient).
+    """
+    import torch
+
+    was_training = model.training
+    dev = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((2, int(in_chans), *map(int, input_hw)), device=dev))
+    except RuntimeError as err:
+        h, w = map(int, input_hw)
+        small = min(h, w)
+        need = 32 if small < 32 else 2 * small
+        raise ConfigError(source, f"{name} cannot take {h} x {w} px inputs (its downsampling leaves no pixel: "
+                          f"{' '.join(str(err).split())[:120]})",
+                          f"Prepare the slices with size >= {need} (prepare: {{size: {need}}}) or use another model"
+                          ) from None
+    finally:
+        model.train(was_training)
 
 
 def default_target_layer(model, name: Optional[str] = None):

@@ -22,7 +22,7 @@ from nhb_core.errors import RunError
 from nhb_core.fileio import atomic_write_text, read_json
 
 #: Bump when the report's content changes (part of the study's report-stage cache key).
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 THRESHOLD_KEYS = ["accuracy", "sensitivity", "specificity", "precision", "npv", "f1"]
 
@@ -157,7 +157,16 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     readers = list(run.get("readers") or [])
     sets = _ordered_sets(metrics)
     figs = _Figs()
+    seeds = None
+    if (run_dir / "seeds.json").is_file():
+        try:
+            seeds = read_json(run_dir / "seeds.json")
+        except (OSError, ValueError):
+            seeds = None
+    seeds_sets = [x for x in sets if seeds and x in (seeds.get("sets") or {})]
+    seeds_models = list(dict.fromkeys(m for x in seeds_sets for m in seeds["sets"][x])) if seeds else []
     ctx: dict[str, Any] = {"metrics": metrics, "run": run, "models": models, "sets": sets, "readers": readers,
+                           "seeds": seeds, "seeds_sets": seeds_sets, "seeds_models": seeds_models,
                            "leaky": bool(metrics.get("leaky")), "n_shared": metrics.get("n_shared_subjects"),
                            "set_label": F.set_label, "fmt": _fmt, "fmt_ci": _fmt_ci, "fmt_p": _fmt_p,
                            "plotly_version": plotly.__version__}
@@ -242,7 +251,7 @@ TEMPLATE = r"""<!DOCTYPE html>
 <nav>
  <a href="#cohort">cohort</a><a href="#flow">flow</a><a href="#roc">ROC</a><a href="#auc">AUC &amp; DeLong</a>
  <a href="#threshold">threshold &amp; readers</a><a href="#confusion">confusion</a><a href="#calibration">calibration &amp; decision</a>
- <a href="#levels">slice vs subject</a><a href="#gradcam">Grad-CAM</a><a href="#training">training</a>
+ {% if seeds %}<a href="#seeds">seeds</a>{% endif %}<a href="#levels">slice vs subject</a><a href="#gradcam">Grad-CAM</a><a href="#training">training</a>
  <a href="#provenance">provenance</a><a href="#checklist">CLAIM / TRIPOD+AI</a>
 </nav>
 <main>
@@ -257,7 +266,9 @@ TEMPLATE = r"""<!DOCTYPE html>
 {{ fig_auc_bar | safe }}
 <p class="note">AUC at the subject level (slice probabilities averaged per subject) with 95% DeLong confidence intervals.
 {% if metrics.oracle_auc %}Oracle AUC: the best AUC any model could reach on this synthetic cohort
- ({% for c, v in metrics.oracle_auc.items() %}center {{ c }}: {{ fmt(v) }}{% if not loop.last %}, {% endif %}{% endfor %}).{% endif %}</p>
+ ({% for c, v in metrics.oracle_auc.items() %}center {{ c }}: {{ fmt(v) }}{% if not loop.last %}, {% endif %}{% endfor %}).{% endif %}
+{% if metrics.visible_auc %}Image-visible signal AUC, the ceiling an image model can approach
+ ({% for c, v in metrics.visible_auc.items() %}center {{ c }}: {{ fmt(v) }}{% if not loop.last %}, {% endif %}{% endfor %}).{% endif %}</p>
 </section>
 
 <section id="cohort">
@@ -302,6 +313,18 @@ TEMPLATE = r"""<!DOCTYPE html>
 </tbody></table>{% endif %}
 {% endif %}{% endif %}{% endfor %}
 </section>
+
+{% if seeds %}
+<section id="seeds">
+<h2>Repeated seeds</h2>
+<p class="note">The study repeated with seeds {{ seeds.seeds | join(", ") }} (split and training seeded alike):
+ subject-level AUC, mean &plusmn; SD (min&ndash;max) over {{ seeds.seeds | length }} runs. A difference between models
+ smaller than this spread is not a finding.</p>
+<table><thead><tr><th>model</th>{% for s in seeds_sets %}<th>{{ set_label(s) }}</th>{% endfor %}</tr></thead><tbody>
+{% for m in seeds_models %}<tr><td>{{ m }}</td>{% for s in seeds_sets %}{% set v = seeds.sets[s].get(m) %}<td class="num">{% if v %}{{ fmt(v.mean) }} &plusmn; {{ fmt(v.sd) }} ({{ fmt(v.min) }}&ndash;{{ fmt(v.max) }}){% else %}&mdash;{% endif %}</td>{% endfor %}</tr>{% endfor %}
+</tbody></table>
+</section>
+{% endif %}
 
 <section id="threshold">
 <h2>Threshold metrics and readers</h2>

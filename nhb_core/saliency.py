@@ -861,6 +861,7 @@ def cam_for_case(run_dir: str | os.PathLike, model_name: str, set_name: str, sub
     out = {
         "cam": cam, "image": image, "roi": roi, "prob": float(data["prob"]), "label": label,
         "energy_in_roi": cam_energy_in_roi(cam, roi), "pointing_hit": pointing_game(cam, roi),
+        "roi_share": float((np.asarray(roi) > 0).mean()),
         "threshold": None if thr is None else float(thr), "subject_id": subject_id, "slice_index": slice_index,
         "model": model_name, "method": m, "cached": was_cached, "cache_file": str(path),
     }
@@ -969,7 +970,7 @@ def default_set(run_dir: str | os.PathLike) -> str:
 
 
 SUMMARY_COLUMNS = ["model", "subject_id", "center", "slice_index", "label", "prob", "subject_prob", "threshold",
-                   "outcome", "energy_in_roi", "pointing_hit", "faithfulness", "random_baseline"]
+                   "outcome", "energy_in_roi", "roi_share", "pointing_hit", "faithfulness", "random_baseline"]
 
 
 def saliency_summary(run_dir: str | os.PathLike, model_name: Optional[str] = None, set_name: Optional[str] = None,
@@ -1058,7 +1059,8 @@ def saliency_summary(run_dir: str | os.PathLike, model_name: Optional[str] = Non
                 "slice_index": int(c["slice_index"]), "label": int(c["label"]), "prob": r["prob"],
                 "subject_prob": sp, "threshold": r["threshold"],
                 "outcome": _outcome(int(c["label"]), sp if sp is not None else r["prob"], r["threshold"]),
-                "energy_in_roi": r["energy_in_roi"], "pointing_hit": bool(r["pointing_hit"]),
+                "energy_in_roi": r["energy_in_roi"], "roi_share": r.get("roi_share", float("nan")),
+                "pointing_hit": bool(r["pointing_hit"]),
                 "faithfulness": r.get("faithfulness", float("nan")),
                 "random_baseline": r.get("random_baseline", float("nan")),
             })
@@ -1092,22 +1094,30 @@ def saliency_means(summary) -> "Any":
 
     Returns
     -------
-    pandas.DataFrame with ``model``, ``n``, ``energy_in_roi`` (mean share), ``pointing_hit_rate``,
+    pandas.DataFrame with ``model``, ``n``, ``energy_in_roi`` (mean share), ``energy_chance`` (mean
+    share of the crop inside the ROI: the share of a map that ignores anatomy, and the pointing rate
+    of a random maximum, ``pointing_chance``), ``energy_x_chance`` (their ratio), ``pointing_hit_rate``,
     ``faithfulness`` (mean ROAD drop), ``random_baseline`` (mean drop for random maps),
     ``faithfulness_gain`` (the difference) — NaNs skipped.
     """
     import pandas as pd
 
-    cols = ["model", "n", "energy_in_roi", "pointing_hit_rate", "faithfulness", "random_baseline", "faithfulness_gain"]
+    cols = ["model", "n", "energy_in_roi", "energy_chance", "energy_x_chance", "pointing_hit_rate",
+            "pointing_chance", "faithfulness", "random_baseline", "faithfulness_gain"]
     if summary is None or len(summary) == 0:
         return pd.DataFrame(columns=cols)
     g = summary.groupby("model", sort=False)
     out = pd.DataFrame({
         "n": g.size(),
         "energy_in_roi": g["energy_in_roi"].mean(),
+        # chance: a map that ignores anatomy puts the ROI's share of the crop inside the ROI, and
+        # its maximum lands in the ROI with that probability
+        "energy_chance": g["roi_share"].mean() if "roi_share" in summary else np.nan,
         "pointing_hit_rate": g["pointing_hit"].mean(),
         "faithfulness": g["faithfulness"].mean(),
         "random_baseline": g["random_baseline"].mean(),
     })
     out["faithfulness_gain"] = out["faithfulness"] - out["random_baseline"]
+    out["energy_x_chance"] = out["energy_in_roi"] / out["energy_chance"]
+    out["pointing_chance"] = out["energy_chance"]
     return out.reset_index()[cols]

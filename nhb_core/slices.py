@@ -104,6 +104,11 @@ class PrepareConfig:
     ref_clip : float
         Upper clip of ``x / ref`` for ``"reference"`` (fat and skin are ~2-3 x the
         deep grey matter).
+    roi_window_mm : float or None
+        Keep only the neighbourhood of the GP: the normalised image is multiplied by
+        a window that is 1 up to ``roi_window_mm`` mm from the ROI and falls off as a
+        Gaussian (sigma 2 mm) beyond it, so the network sees the GP and the tissue a
+        radiologist compares it with, not the rest of the brain. None: the whole crop.
     p_low, p_high : float
         Percentiles (0-100) for ``"percentile"``.
     z_clip : float
@@ -128,6 +133,7 @@ class PrepareConfig:
     norm: str = "percentile"
     ref_ring_mm: float = 6.0
     ref_clip: float = 3.0
+    roi_window_mm: Optional[float] = None
     p_low: float = 0.5
     p_high: float = 99.5
     z_clip: float = 5.0
@@ -149,6 +155,8 @@ class PrepareConfig:
             self.head_threshold = float(self.head_threshold)
             self.ref_ring_mm = float(self.ref_ring_mm)
             self.ref_clip = float(self.ref_clip)
+            if self.roi_window_mm is not None:
+                self.roi_window_mm = float(self.roi_window_mm)
         except (TypeError, ValueError) as err:
             raise ConfigError(src, f"a numeric option has a non-numeric value ({err})",
                               "Give crop_mm, size, min_roi_voxels, n_central, p_low, p_high as numbers") from None
@@ -174,6 +182,9 @@ class PrepareConfig:
         if not (self.ref_ring_mm > 0 and np.isfinite(self.ref_ring_mm)):
             raise ConfigError(src, f"ref_ring_mm must be a positive number of mm, got {self.ref_ring_mm}",
                               "Use e.g. ref_ring_mm: 6")
+        if self.roi_window_mm is not None and not (self.roi_window_mm >= 0 and np.isfinite(self.roi_window_mm)):
+            raise ConfigError(src, f"roi_window_mm must be a number of mm >= 0 or null, got {self.roi_window_mm}",
+                              "Use e.g. roi_window_mm: 8, or leave it unset for the whole crop")
         if not (self.ref_clip > 1 and np.isfinite(self.ref_clip)):
             raise ConfigError(src, f"ref_clip must be a number above 1, got {self.ref_clip}", "Use e.g. ref_clip: 3")
         if not 0 <= self.p_low < self.p_high <= 100:
@@ -368,6 +379,24 @@ def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, na
     return out
 
 
+def roi_window(masks: np.ndarray, config: PrepareConfig, sigma_mm: float = 2.0) -> np.ndarray:
+    """The GP-neighbourhood window of ``roi_window_mm`` (float32 [k, H, W] in [0, 1]).
+
+    1 within ``roi_window_mm`` mm of the ROI, ``exp(-e^2 / (2 sigma^2))`` at ``e`` mm beyond.
+    """
+    from scipy import ndimage
+
+    pix_mm = config.crop_mm / config.size
+    out = np.ones(masks.shape, dtype=np.float32)
+    for i in range(masks.shape[0]):
+        m = np.asarray(masks[i]) > 0
+        if not m.any():
+            continue
+        excess = np.clip(ndimage.distance_transform_edt(~m) * pix_mm - float(config.roi_window_mm), 0, None)
+        out[i] = np.exp(-0.5 * (excess / sigma_mm) ** 2)
+    return out
+
+
 def si_ratios(raw: np.ndarray, sides: np.ndarray, config: PrepareConfig, background: float = 0.0) -> np.ndarray:
     """Signal-intensity ratios of the GP on each crop: the quantitative sign a radiologist measures.
 
@@ -556,6 +585,8 @@ def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float,
         images[:, 0] = reference_norm(images[:, 0], masks, config, name=t1_name, background=background)
     else:
         images[:, 0] = apply_norm(images[:, 0], offset, scale, config)
+    if config.roi_window_mm is not None:
+        images[:, 0] *= roi_window(masks, config)
     if config.roi_channel:
         images[:, 1] = masks
     roi_voxels = counts[sel]

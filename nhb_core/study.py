@@ -146,14 +146,16 @@ def _git_commit() -> Optional[str]:
         return None
 
 
-def oracle_auc_for(manifest: Path) -> Optional[dict[str, float]]:
-    """The synthetic cohort's per-center oracle AUC (``cohort.json`` next to the manifest), else None."""
+def oracle_auc_for(manifest: Path, key: str = "oracle_auc") -> Optional[dict[str, float]]:
+    """The synthetic cohort's per-center oracle AUC (``cohort.json`` next to the manifest), else None.
+
+    ``key="visible_auc"``: the AUC of the image-visible GP signal (the image models' ceiling)."""
     p = Path(manifest).parent / "cohort.json"
     try:
         data = read_json(p)
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
-    oa = data.get("oracle_auc") if isinstance(data, dict) else None
+    oa = data.get(key) if isinstance(data, dict) else None
     if isinstance(oa, dict) and oa:
         return {str(k): float(v) for k, v in oa.items() if v is not None}
     return None
@@ -402,14 +404,23 @@ class _Study:
         ecfg = dict(cfg["evaluate"])
         pred_dir = rd / "predictions"
 
+        def own_prediction_files() -> list[Path]:
+            # the run's own sets only: sets of new cohorts (nhb_core.cohorts) live beside them and survive reruns
+            from nhb_core.evaluate import set_file_stem
+            from nhb_core.splits import load_split, set_names
+
+            stems = [set_file_stem(s) for s in set_names(load_split(split_path)) if s != "train"]
+            return [pred_dir / f"{st}__{kind}.csv" for st in stems for kind in ("slices", "subjects")]
+
         def preds_sha() -> Optional[str]:
-            if not pred_dir.is_dir() or not any(pred_dir.glob("*__subjects.csv")):
+            files = [f for f in own_prediction_files() if f.is_file()]
+            if not any(f.name.endswith("__subjects.csv") for f in files):
                 return None
-            return sha256_file(pred_dir)
+            return _sha_many(files)
 
         def do_evaluate() -> None:
-            if pred_dir.exists():
-                shutil.rmtree(pred_dir)
+            for f in own_prediction_files():
+                f.unlink(missing_ok=True)
             for name in cfg["models"]:
                 self.status("evaluate", name)
                 evaluate_model(rd / "models" / name, ds_dir, split_path, pred_dir,
@@ -525,6 +536,7 @@ class _Study:
         import pandas as pd
 
         from nhb_core import stats
+        from nhb_core.cohorts import external_cohorts
         from nhb_core.splits import load_split
 
         rd = self.run_dir
@@ -567,7 +579,9 @@ class _Study:
             },
             "leaky": bool(split.get("leaky", split.get("unit") == "slice")),
             "n_shared_subjects": split.get("n_shared_subjects"),
+            "external_cohorts": external_cohorts(rd),
             "oracle_auc": oracle_auc_for(self.manifest),
+            "visible_auc": oracle_auc_for(self.manifest, "visible_auc"),
             "cohort": cohort_summary(ds_dir, split),
             "sets": sets,
         }
@@ -886,6 +900,8 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
     with _SigtermGuard():
         try:
             study.run()
+            if len(cfg.get("seeds") or []) > 1:
+                run_seed_repeats(man, run_dir, cfg, progress)
         except StudyCancelled:
             write_status(run_dir, "cancelled", stage=study.current["stage"], error="cancelled by the user")
             append_log(run_dir, "cancelled")
@@ -915,6 +931,80 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
     append_log(run_dir, f"study done in {secs:.1f} s")
     emit(study.events, "study", message="done", state="done", seconds=round(secs, 1))
     return run_dir
+
+
+def run_seed_repeats(manifest: Path, run_dir: Path, cfg: Mapping[str, Any],
+                     progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """Repeat a finished study with each further seed of ``cfg["seeds"]``; write ``RUN/seeds.json``.
+
+    The run folder itself holds the first seed's study. Every other seed ``s`` runs the same
+    study (split and training seeded with ``s``; no saliency or report) in ``RUN/seeds/seed_<s>/``,
+    sharing one prepared dataset in ``RUN/seeds/cache/``. Finished repeats are skipped on a rerun
+    (each is a resumable study). ``seeds.json`` (:func:`seed_summary`) holds the subject-level AUC
+    of every model and baseline on every set per seed, with mean and SD; the report is rewritten
+    with it.
+    """
+    import copy
+
+    seeds = list(cfg.get("seeds") or [])
+    runs: dict[int, Path] = {seeds[0]: run_dir}
+    for s in seeds[1:]:
+        sub_cfg = copy.deepcopy(dict(cfg))
+        sub_cfg.update(seed=int(s), seeds=None, name=f"{cfg.get('name') or run_dir.name} (seed {s})",
+                       cache_dir=cfg.get("cache_dir") or str(run_dir / "seeds" / "cache"))
+        sub_cfg["split"]["seed"] = sub_cfg["train"]["seed"] = None
+        sub_cfg["saliency"]["enabled"] = False
+        sub_cfg["report"]["enabled"] = False
+        sub = run_dir / "seeds" / f"seed_{int(s)}"
+        emit(progress, "seeds", message=f"repeat with seed {s} ({seeds.index(s) + 1} of {len(seeds)})",
+             done=seeds.index(s), total=len(seeds))
+        run_study(manifest, sub, sub_cfg, progress=progress)
+        runs[int(s)] = sub
+    summary = seed_summary(runs)
+    atomic_write_json(run_dir / "seeds.json", summary)
+    if cfg["report"].get("enabled", True):
+        from nhb_core import report as _report
+
+        _report.write_report(run_dir)
+    emit(progress, "seeds", message="done", done=len(seeds), total=len(seeds))
+    return summary
+
+
+def seed_summary(runs: Mapping[int, Path]) -> dict[str, Any]:
+    """Subject-level AUC per seed, model and set (pooled and per center), with mean and SD.
+
+    Returns ``{"seeds": [...], "runs": {seed: path relative to the first run}, "sets": {set: {model:
+    {"auc": [per seed], "mean", "sd" (sample SD, ddof 1), "min", "max"}}}, "centers": {set: {center:
+    {model: {...}}}}}``; a set or model missing from a seed's run is left out of that seed's list.
+    """
+    import numpy as np
+
+    first = Path(next(iter(runs.values())))
+    per: dict[str, dict[str, list[float]]] = {}
+    per_c: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for _, rd in runs.items():
+        sets = (read_json(Path(rd) / "metrics.json").get("sets") or {})
+        for set_name, entry in sets.items():
+            blk = ((entry.get("level") or {}).get("subject") or {}).get("models") or {}
+            for m, mm in blk.items():
+                if mm.get("auc") is not None:
+                    per.setdefault(set_name, {}).setdefault(m, []).append(float(mm["auc"]))
+            for c, ce in (entry.get("centers") or {}).items():
+                cblk = ((ce.get("level") or {}).get("subject") or {}).get("models") or {}
+                for m, mm in cblk.items():
+                    if mm.get("auc") is not None:
+                        per_c.setdefault(set_name, {}).setdefault(c, {}).setdefault(m, []).append(float(mm["auc"]))
+
+    def stats_of(v: list[float]) -> dict[str, Any]:
+        a = np.asarray(v, dtype=float)
+        return {"auc": v, "n": len(v), "mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(v) > 1 else None,
+                "min": float(a.min()), "max": float(a.max())}
+
+    return {"seeds": [int(s) for s in runs],
+            "runs": {str(s): os.path.relpath(Path(p), first) for s, p in runs.items()},
+            "sets": {s: {m: stats_of(v) for m, v in d.items()} for s, d in per.items()},
+            "centers": {s: {c: {m: stats_of(v) for m, v in dd.items()} for c, dd in d.items()}
+                        for s, d in per_c.items()}}
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -124,6 +124,9 @@ class TrainConfig:
         their labels are blended with one weight per image.
     drop_rate, drop_path_rate : float
         Dropout before the classifier and stochastic depth (timm's arguments).
+    weights : str or None
+        Initial weights when :func:`train_model` is not given any: None / ``"random"``,
+        ``"imagenet"`` (local cache, see :func:`nhb_core.models.create_model`) or a file.
     """
 
     epochs: int = 10
@@ -153,6 +156,7 @@ class TrainConfig:
     mixup: float = 0.0
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         src = "train config"
@@ -527,6 +531,26 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p))
 
 
+def _correct_prior(model, pos_weight: float) -> float:
+    """Subtract ``log(pos_weight)`` from the bias of the model's one-logit linear head.
+
+    Returns the shift applied (0.0 when ``pos_weight`` is 1 or the head is not a biased Linear).
+    """
+    import torch
+    import torch.nn as nn
+
+    if not (pos_weight > 0) or pos_weight == 1.0:
+        return 0.0
+    m = getattr(model, "module", model)
+    head = m.get_classifier() if hasattr(m, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or head.bias is None or head.bias.numel() != 1:
+        return 0.0
+    shift = float(math.log(pos_weight))
+    with torch.no_grad():
+        head.bias -= shift
+    return shift
+
+
 def _bce(y: np.ndarray, p: np.ndarray) -> float:
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
     y = np.asarray(y, dtype=np.float64)
@@ -796,6 +820,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     from nhb_core.augment import AugmentConfig
     from nhb_core.models import create_model, save_weights
 
+    if weights is None and cfg.weights not in (None, "", "random"):
+        weights = cfg.weights
     amp_dtype, use_scaler = amp_settings(device, cfg.amp)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     data_sha = dataset_sha256(dataset_dir)
@@ -807,6 +833,9 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, ds.in_chans, weights=weights, drop_rate=cfg.drop_rate,
                          drop_path_rate=cfg.drop_path_rate).to(device)
+    from nhb_core.models import check_input_size
+
+    check_input_size(model, model_name, ds.in_chans, tuple(ds.images.shape[2:]), source=str(dataset_dir))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = model
@@ -970,6 +999,20 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         if not (out / "model.safetensors").exists():
             save_weights(eval_model, out / "model.safetensors")
         eval_model.load_state_dict(load_file(str(out / "model.safetensors"), device="cpu"))
+        # The class-balanced loss (pos_weight w) makes the network estimate odds w times too high for
+        # positives; subtracting log(w) from the one-logit head's bias restores probabilities on the
+        # training prevalence (AUC unchanged), so calibration plots and ACC at 0.5 mean what they say.
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), "pt") as fh:  # a resumed finish must not shift twice
+            done_shift = (fh.metadata() or {}).get("prior_correction_logit")
+        if done_shift is None:
+            prior_shift = _correct_prior(eval_model, float(pos_weight))
+            if prior_shift:
+                save_weights(eval_model, out / "model.safetensors",
+                             metadata={"prior_correction_logit": repr(prior_shift)})
+        else:
+            prior_shift = float(done_shift)
         vprob = _predict_positions(eval_model, data, data.val_pos, cfg.eval_batch_size, device, amp_dtype)
         vm = validation_metrics(val_sids, val_labels, vprob, cfg.aggregate)
         thr = youden_thresholds(val_sids, val_labels, vprob, cfg.aggregate)
@@ -989,7 +1032,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             "threshold_slice": thr["threshold_slice"], "aggregate": cfg.aggregate,
             "val_auc": vm["val_auc"], "val_auc_slice": vm["val_auc_slice"], "val_loss": vm["val_loss"],
             "best_epoch": int(best["epoch"]), "epochs_run": len(history), "stopped_early": len(history) < n_epochs,
-            "selected": cfg.select, "ema": cfg.ema,
+            "selected": cfg.select, "ema": cfg.ema, "prior_correction_logit": prior_shift,
             "seed": cfg.seed, "train_config": cfg.to_dict(), "weights": w_info,
             "data_sha256": data_sha, "split_sha256": split_sha,
             "dataset_dir": str(Path(dataset_dir).resolve()), "split_path": split_path,

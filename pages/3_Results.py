@@ -94,7 +94,10 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
                                           for c in tab.columns if tab[c].dtype.kind == "f"})
     if m.get("oracle_auc"):
         st.caption("Oracle AUC (synthetic truth) per center: "
-                   + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["oracle_auc"].items()))
+                   + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["oracle_auc"].items())
+                   + ("; image-visible signal AUC (the ceiling of an image model): "
+                      + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["visible_auc"].items())
+                      if m.get("visible_auc") else ""))
 
     set_pick = st.selectbox("Set for the detailed tables", sets, format_func=dd.set_label, key=f"{kp}set")
     st.markdown("#### DeLong p-values (paired, model vs model)")

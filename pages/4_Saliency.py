@@ -36,7 +36,7 @@ def slice_index(ds_key: tuple) -> pd.DataFrame:
 @st.cache_data(show_spinner="Computing the saliency map...", max_entries=256)
 def case(run: str, wkey: tuple, model: str, set_name: str, sid: str, z: int, method: str) -> dict:
     r = saliency.cam_for_case(run, model, set_name, sid, z, method=method, with_faithfulness=True)
-    return {k: r[k] for k in ("cam", "image", "roi", "prob", "label", "energy_in_roi", "pointing_hit", "threshold",
+    return {k: r[k] for k in ("cam", "image", "roi", "prob", "label", "energy_in_roi", "roi_share", "pointing_hit", "threshold",
                               "faithfulness", "random_baseline") if k in r}
 
 
@@ -121,7 +121,13 @@ with ui.guard():
     c3.image(png(full["image"], None, full["roi"], 0.0), caption="T1 slice with the GP ROI outline (green)")
     k1, k2, k3, k4 = st.columns(4)
     k1.metric("slice probability", f"{r['prob']:.3f}", help=f"label {r['label']}, threshold {thr:.3f}")
-    k2.metric("CAM energy in GP ROI", f"{r['energy_in_roi']:.1%}")
+    share = r.get("roi_share") or 0.0
+    if r["energy_in_roi"] == r["energy_in_roi"]:  # not NaN
+        k2.metric("CAM energy in GP ROI", f"{r['energy_in_roi']:.1%}",
+                  delta=f"{r['energy_in_roi'] / share:.1f} x chance" if share > 0 else None, delta_color="off",
+                  help=f"chance (the ROI's share of the crop, what a map that ignores anatomy gets): {share:.1%}")
+    else:
+        k2.metric("CAM energy in GP ROI", "no map", help="The map is all zero: nothing pushes this case towards injury")
     k3.metric("pointing game", "hit" if r["pointing_hit"] else "miss", help="Is the CAM maximum inside the ROI?")
     if "faithfulness" in r:
         k4.metric("faithfulness (ROAD drop)", f"{r['faithfulness']:.3f}",

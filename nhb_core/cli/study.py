@@ -74,6 +74,8 @@ def study(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per model."),
     split_unit: Optional[str] = typer.Option(None, "--split-unit", help="subject (default) or slice (leaky, for teaching)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random choice."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the study with these seeds, e.g. 0,1,2: "
+                                        "mean and SD per model and set (RUN/seeds.json)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, ..."),
     n_gpus: Optional[int] = typer.Option(None, "--n-gpus", help="> 1: train each model under torchrun with this many processes."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -95,7 +97,7 @@ def study(
             os.environ.pop(var, None)
         n_gpus = n_gpus or world
     overrides = {"models": models, "epochs": epochs, "split_unit": split_unit, "seed": seed, "device": device,
-                 "n_gpus": n_gpus}
+                 "n_gpus": n_gpus, "seeds": seeds}
     run_dir = _run(manifest, out, config, overrides, quiet)
     _print_auc_table(run_dir)
 

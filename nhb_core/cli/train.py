@@ -111,15 +111,39 @@ def evaluate_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(256, "--batch-size", help="Slices per forward pass."),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                            help="A NEW cohort's manifest: prepare it with the run's preprocessing, "
+                                                 "predict it as set external:NAME, update metrics.json and the report."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the new cohort (with --manifest), e.g. C."),
 ) -> None:
-    """Write predictions/<set>__slices.csv and <set>__subjects.csv for every set but train."""
+    """Write predictions/<set>__slices.csv and <set>__subjects.csv for every set but train;
+    with --manifest M --name C, evaluate the finished run on a new cohort (set external:C)."""
     from rich.console import Console
     from rich.table import Table
 
-    from nhb_core.errors import DatasetError, RunError
+    from nhb_core.errors import ConfigError, DatasetError, RunError
     from nhb_core.evaluate import evaluate_model
     from nhb_core.fileio import read_json
     from nhb_core.progress import rich_progress
+
+    run = Path(run)
+    if (manifest is None) != (name is None):
+        raise ConfigError("--manifest/--name", "a new cohort needs both --manifest and --name",
+                          "Give e.g. --manifest hospital_c/manifest.csv --name C")
+    if manifest is not None:
+        from nhb_core.cohorts import evaluate_cohort
+
+        with rich_progress(progress_bar) as cb:
+            rec = evaluate_cohort(run, manifest, name, progress=cb, device=device, batch_size=batch_size)
+        table = Table(title=f"{rec['set']}: {rec['n_subjects']} subjects ({', '.join(rec['centers'])}), "
+                            "subject-level AUC")
+        table.add_column("model")
+        table.add_column("AUC", justify="right")
+        for m, a in rec["auc"].items():
+            table.add_row(m, "-" if a is None else f"{a:.3f}")
+        Console().print(table)
+        Console().print(f"metrics.json and report.html of {run} now include {rec['set']}")
+        return
 
     run = Path(run)
     models = _find_models(run)

@@ -149,6 +149,13 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
         mm["confusion"] = tm["confusion"]
         for key in B.METRICS:
             mm[key] = _prop_block(tm[key])
+        # the same metrics at the conventional 0.5 (probabilities), next to the threshold chosen on validation
+        if float(thr) != 0.5 and ((s >= 0) & (s <= 1)).all():
+            t5 = B.threshold_metrics(y, s, 0.5, level, source="predictions", column=m)
+            mm["at_0.5"] = {"threshold": 0.5, "confusion": t5["confusion"],
+                            **{key: _prop_block(t5[key]) for key in B.METRICS}}
+        else:
+            mm["at_0.5"] = None
         if ((s >= 0) & (s <= 1)).all():
             cal = C.calibration(y, s)
             mm["brier"] = cal["brier"]
