@@ -3,7 +3,7 @@
 A baseline is a small, transparent model on measured features of the prepared
 dataset (no image learning). The first, and the one a reviewer asks for first,
 is the **signal-intensity ratio** (``si_ratio``): the mean T1 signal of the
-globus pallidus over the median signal of its surroundings, per side and for
+globus pallidus over the mean signal of its surroundings, per side and for
 both sides together (``nhb_core.slices.si_ratios``, columns ``si_left``,
 ``si_right``, ``si_both`` of ``index.csv``), combined by a scikit-learn logistic
 regression fitted on the training set only. A radiologist measures the same

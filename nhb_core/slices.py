@@ -59,7 +59,7 @@ ALGORITHM_VERSION = 2
 
 INDEX_COLUMNS = ["subject_id", "center", "label", "slice_index", "source_sha256", "roi_sha256",
                  "row", "image_sha256", "roi_voxels", "si_left", "si_right", "si_both"]
-#: The signal-intensity ratios of a slice (index.csv columns): GP mean over the median of its
+#: The signal-intensity ratios of a slice (index.csv columns): GP mean over the mean of its
 #: surroundings (see :func:`si_ratios`), left, right and both sides.
 SI_COLUMNS = ["si_left", "si_right", "si_both"]
 PATH_COLUMNS = ("t1", "roi", "t1_path", "roi_path")
@@ -93,7 +93,7 @@ class PrepareConfig:
         ``"zscore"``: ``(x - mean) / std`` inside the head mask, clipped to
         [-z_clip, z_clip] when ``clip``.
         ``"reference"``: signal relative to the tissue around the GP, as a
-        radiologist reads the sign: ``x / ref - 1`` where ``ref`` is the median
+        radiologist reads the sign: ``x / ref - 1`` where ``ref`` is the mean
         raw intensity of the slice's ring of ``ref_ring_mm`` around the ROI
         (the ROI's 1-pixel border excluded), clipped to [-1, ref_clip - 1] when
         ``clip``. 0 = as bright as the surroundings; an injured GP is > 0. It
@@ -340,7 +340,7 @@ def reference_ring(mask: np.ndarray, config: PrepareConfig) -> np.ndarray:
 
 def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, name: Optional[str] = None,
                    background: float = 0.0) -> np.ndarray:
-    """``(raw - background) / (ref - background) - 1`` per slice, ``ref`` the median of
+    """``(raw - background) / (ref - background) - 1`` per slice, ``ref`` the mean of
     the slice's reference ring (``background``: the volume's black level, its minimum).
 
     Parameters
@@ -367,10 +367,10 @@ def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, na
     for i in range(raw.shape[0]):
         ring = reference_ring(masks[i], config)
         vals = raw[i][ring]
-        ref = float(np.median(vals)) - background if vals.size >= 8 else float("nan")
+        ref = float(np.mean(vals, dtype=np.float64)) - background if vals.size >= 8 else float("nan")
         if not (np.isfinite(ref) and ref > 0):
             raise ImageError(name, f"no usable reference tissue around the ROI on crop slice {i} "
-                                   f"(ring of {config.ref_ring_mm:g} mm: {vals.size} pixels, median {ref:.3g})",
+                                   f"(ring of {config.ref_ring_mm:g} mm: {vals.size} pixels, mean {ref:.3g})",
                              "Check that the ROI lies inside the brain, or use prepare norm: percentile")
         x = (raw[i].astype(np.float32) - np.float32(background)) / np.float32(ref) - np.float32(1.0)
         if config.clip:
@@ -401,7 +401,7 @@ def si_ratios(raw: np.ndarray, sides: np.ndarray, config: PrepareConfig, backgro
     """Signal-intensity ratios of the GP on each crop: the quantitative sign a radiologist measures.
 
     For each side (ROI label 1 = left, 2 = right) and for both together: the mean
-    intensity inside the ROI over the median of its reference ring
+    intensity inside the ROI over the mean of its reference ring
     (:func:`reference_ring`: up to ``ref_ring_mm`` around the ROI, the bilateral
     ROI and its 1-pixel border excluded), black level ``background`` subtracted.
 
@@ -428,7 +428,7 @@ def si_ratios(raw: np.ndarray, sides: np.ndarray, config: PrepareConfig, backgro
             ring = reference_ring(m, config) & ~reference_ring_exclusion(both)
             if ring.sum() < 8:
                 continue
-            ref = float(np.median(x[ring]))
+            ref = float(x[ring].mean())
             if ref > 0:
                 out[i, j] = float(x[m].mean()) / ref
     return out
