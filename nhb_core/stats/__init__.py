@@ -19,6 +19,8 @@ from nhb_core.stats._roc import (FPR_GRID, ROCCurve, auc, auc_ci_bootstrap, auc_
                                  delong_paired, delong_placements, delong_unpaired, delong_var, roc_band, roc_curve)
 from nhb_core.stats._study import (aggregate_subjects, analyze_predictions, load_predictions, roc_table,
                                    set_metrics, set_name_from_file, study_metrics, tidy_table)
+from nhb_core.stats import mrmc  # the module, also callable: stats.mrmc(path) = stats.mrmc.mrmc(path)
+from nhb_core.stats.mrmc import mrmc_arrays, mrmc_table, read_readings, readings_array
 
 __all__ = [
     "roc_curve", "ROCCurve", "auc", "delong_placements", "delong_var", "delong_cov", "auc_ci_delong",
@@ -29,4 +31,5 @@ __all__ = [
     "METRICS", "brier_score", "calibration", "decision_curve", "DCA_THRESHOLDS",
     "set_metrics", "study_metrics", "tidy_table", "roc_table", "aggregate_subjects", "load_predictions",
     "analyze_predictions", "set_name_from_file",
+    "mrmc", "mrmc_arrays", "mrmc_table", "read_readings", "readings_array",
 ]
