@@ -1,0 +1,466 @@
+"""nhb_core.stats.mrmc (Obuchowski-Rockette MRMC, Hillis ddf) and ``python -m nhb_core mrmc``.
+
+* the oracle in ../shared/data/mrmc_oracle (R's MRMCaov / RJafroc on the Van Dyke data), every value of
+  expected.json for both covariance methods, through the library and through the CLI ``--json``;
+* an independent brute-force check (leave-one-case-out AUCs recomputed from scratch, DeLong from the
+  psi matrix, the OR formulas written with loops) on designs the oracle lacks (3 modalities, a network
+  arm, negative variance components);
+* properties: reader and case permutation invariance, identical arms give F = 0, a network arm whose
+  rating is the same for every reader has no reader variance;
+* bad input: one line, exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nhb_core import stats
+from nhb_core.cli import main
+from nhb_core.errors import StatsInputError
+from nhb_core.stats import mrmc as M
+
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ORACLE = _SHARED / "data" / "mrmc_oracle"
+REL, P_REL, ZERO = 1e-9, 1e-7, 1e-12
+
+
+def _expected() -> dict | None:
+    p = ORACLE / "expected.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+_EXP = _expected()
+_CASES = sorted(_EXP["cases"]) if _EXP else ["<oracle absent>"]
+
+
+def _num(v) -> float:
+    if isinstance(v, str):
+        return {"inf": math.inf, "-inf": -math.inf, "Inf": math.inf}[v]
+    return math.nan if v is None else float(v)
+
+
+def _compare(ref, got, path: str, bad: list) -> None:
+    """Walk every leaf of ``ref`` and compare with ``got`` at the oracle's tolerances."""
+    if isinstance(ref, dict):
+        if not isinstance(got, dict):
+            bad.append(f"{path}: not a dict")
+            return
+        for k, v in ref.items():
+            if k not in got:
+                bad.append(f"{path}.{k}: missing")
+            else:
+                _compare(v, got[k], f"{path}.{k}", bad)
+    elif isinstance(ref, list):
+        if len(ref) != len(got):
+            bad.append(f"{path}: length {len(got)} != {len(ref)}")
+        for i, (a, b) in enumerate(zip(ref, got)):
+            _compare(a, b, f"{path}[{i}]", bad)
+    elif isinstance(ref, bool):
+        if ref != got:
+            bad.append(f"{path}: {got} != {ref}")
+    elif isinstance(ref, str) and ref not in ("inf", "-inf", "Inf"):
+        if ref != got:
+            bad.append(f"{path}: {got!r} != {ref!r}")
+    else:
+        r, g = _num(ref), _num(got)
+        if math.isinf(r):
+            ok = g > 1e12 if r > 0 else g < -1e12
+        elif r == 0:
+            ok = abs(g) <= ZERO
+        else:
+            tol = P_REL if path.rsplit(".", 1)[-1] == "p" else REL
+            ok = abs(g - r) <= tol * abs(r) + ZERO
+        if not ok:
+            bad.append(f"{path}: {g!r} vs {r!r}")
+
+
+def _oracle_case(name: str) -> tuple[dict, Path]:
+    if _EXP is None:
+        pytest.skip("../shared/data/mrmc_oracle is absent")
+    case = _EXP["cases"][name]
+    data = ORACLE / Path(case["data_file"]).name
+    if not data.is_file():
+        data = ORACLE / case["data_file"]
+    return case, data
+
+
+def _blocks(case: dict) -> list[str]:
+    return [k for k in ("jackknife", "DeLong") if k in case]
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_oracle_library(name):
+    case, data = _oracle_case(name)
+    assert _blocks(case)
+    for cov in _blocks(case):
+        res = stats.mrmc(data, cov=cov)
+        assert res["cov_method"] == cov
+        bad: list[str] = []
+        for top in ("reader_auc", "modality_auc", "ms"):
+            if top in case:
+                _compare(case[top], res[top], top, bad)
+        _compare(case[cov], res, cov, bad)
+        assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_oracle_cli_json(name, capsys):
+    case, data = _oracle_case(name)
+    for cov in _blocks(case):
+        code, out, err = _cli(capsys, "--readings", str(data), "--cov", cov.lower(), "--json")
+        assert code == 0, err
+        assert out.count("\n") == 1
+        res = json.loads(out)
+        bad: list[str] = []
+        for top in ("reader_auc", "modality_auc", "ms"):
+            if top in case:
+                _compare(case[top], res[top], top, bad)
+        _compare(case[cov], res, cov, bad)
+        assert not bad, bad[:10]
+        # the README's example key paths
+        assert set(res["RRRC"]) >= {"F", "df1", "df2", "p", "diff", "single_modality"}
+        assert "ci_lower" in res["RRFC"]["diff"] and "var_tr" in res["variance_components"]
+
+
+def test_oracle_published_headline():
+    """The headline of the README / OR-DBM MRMC 2.51 printout, to its printed digits."""
+    case, data = _oracle_case("vandyke") if _EXP and "vandyke" in _EXP["cases"] else _oracle_case(_CASES[0])
+    res = stats.mrmc(data, cov="jackknife")
+    assert res["modality_auc"]["1"] == pytest.approx(0.89703704, abs=5e-9)
+    assert res["modality_auc"]["2"] == pytest.approx(0.94083736, abs=5e-9)
+    assert res["RRRC"]["F"] == pytest.approx(4.456319, abs=5e-7)
+    assert res["RRRC"]["df2"] == pytest.approx(15.259675, abs=5e-7)
+    assert res["RRRC"]["p"] == pytest.approx(0.0516657, abs=5e-8)
+
+
+# ----------------------------------------------------------------------------- brute force
+def _auc_naive(y, s) -> float:
+    x, z = s[y], s[~y]
+    return float(((x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])).mean())
+
+
+def _reference(R: np.ndarray, y: np.ndarray, cov: str) -> dict:
+    """Textbook Obuchowski-Rockette / Hillis from scratch: loops, leave-one-out recomputation."""
+    t, r, n = R.shape
+    A = np.array([[_auc_naive(y, R[i, j]) for j in range(r)] for i in range(t)])
+    V = []
+    if cov == "jackknife":
+        th = np.array([[[_auc_naive(np.delete(y, k), np.delete(R[i, j], k)) for k in range(n)]
+                        for j in range(r)] for i in range(t)]).reshape(t * r, n)
+        d = th - th.mean(axis=1, keepdims=True)
+        C = (n - 1) / n * d @ d.T
+    else:
+        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+        V10 = np.empty((t * r, pos.size))
+        V01 = np.empty((t * r, neg.size))
+        for q in range(t * r):
+            s = R.reshape(t * r, n)[q]
+            psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+            V10[q], V01[q] = psi.mean(axis=1), psi.mean(axis=0)
+        C = np.cov(V10) / pos.size + np.cov(V01) / neg.size
+    del V
+    idx = list(itertools.product(range(t), range(r)))
+    var, c1, c2, c3 = [], [], [], []
+    for (a, (i, j)), (b, (i2, j2)) in itertools.product(enumerate(idx), enumerate(idx)):
+        (var if (i, j) == (i2, j2) else c1 if j == j2 else c2 if i == i2 else c3).append(C[a, b])
+    var, c1, c2, c3 = map(np.mean, (var, c1, c2, c3))
+    mi, mj, g = A.mean(1), A.mean(0), A.mean()
+    ms_t = r * ((mi - g) ** 2).sum() / (t - 1)
+    ms_r = t * ((mj - g) ** 2).sum() / (r - 1)
+    ms_tr = ((A - mi[:, None] - mj[None, :] + g) ** 2).sum() / ((t - 1) * (r - 1))
+    den = ms_tr + r * max(c2 - c3, 0)
+    return {"A": A, "C": C, "var_error": var, "cov1": c1, "cov2": c2, "cov3": c3, "ms_t": ms_t, "ms_r": ms_r,
+            "ms_tr": ms_tr, "F": ms_t / den, "df2": den ** 2 / (ms_tr ** 2 / ((t - 1) * (r - 1))),
+            "var_r": (ms_r - ms_tr) / t - c1 + c3, "var_tr": ms_tr - var + c1 + c2 - c3,
+            "X2": (t - 1) * ms_t / (var - c1 + (r - 1) * max(c2 - c3, 0))}
+
+
+def _sim(t=2, r=4, n=40, seed=0, ai=False, levels=True):
+    """Simulated ratings: a shared case signal, reader noise and thresholds; optional network arm 0."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros(n, bool)
+    y[: n * 2 // 5] = True
+    signal = 1.2 * y + rng.normal(size=n)
+    R = np.empty((t, r, n))
+    for i in range(t):
+        for j in range(r):
+            lat = signal + 0.4 * i * y + rng.normal(scale=0.8, size=n)
+            R[i, j] = np.digitize(lat, np.sort(rng.normal(size=4)) + 0.6) + 1 if levels else lat
+    if ai:
+        R[0] = np.round(signal + rng.normal(scale=0.3, size=n), 2)
+    return R, y
+
+
+@pytest.mark.parametrize("cov", ["jackknife", "delong"])
+@pytest.mark.parametrize("design", [dict(t=2, r=3, seed=1), dict(t=3, r=4, seed=2), dict(t=2, r=5, seed=3, ai=True)])
+def test_against_brute_force(cov, design):
+    R, y = _sim(n=30, **design)
+    ref = _reference(R, y, cov)
+    res = M.mrmc_arrays(R, y, cov=cov)
+    t, r = R.shape[:2]
+    np.testing.assert_allclose(np.array(res["cov_matrix"]["values"]), ref["C"], rtol=1e-10, atol=1e-15)
+    got_auc = np.array([[res["reader_auc"][f"{i + 1}|{j + 1}"] for j in range(r)] for i in range(t)])
+    np.testing.assert_allclose(got_auc, ref["A"], rtol=1e-12)
+    vc = res["variance_components"]
+    for k in ("var_error", "cov1", "cov2", "cov3", "var_r", "var_tr"):
+        assert vc[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-14), k
+    for k in ("ms_t", "ms_r", "ms_tr"):
+        assert res["ms"][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-15), k
+    assert res["RRRC"]["F"] == pytest.approx(ref["F"], rel=1e-9)
+    assert res["RRRC"]["df2"] == pytest.approx(ref["df2"], rel=1e-9)
+    assert res["FRRC"]["X2"] == pytest.approx(ref["X2"], rel=1e-9)
+    assert res["RRRC"]["df1"] == t - 1 and len(res["RRRC"]["diffs"]) == t * (t - 1) // 2
+
+
+def test_three_modalities_pairwise_and_global():
+    R, y = _sim(t=3, r=4, n=60, seed=5)
+    res = M.mrmc_arrays(R, y, modalities=["A", "B", "C"], cov="delong")
+    assert [d["comparison"] for d in res["RRRC"]["diffs"]] == ["A - B", "A - C", "B - C"]
+    ma = res["modality_auc"]
+    for d in res["RRRC"]["diffs"]:
+        a, b = d["comparison"].split(" - ")
+        assert d["estimate"] == pytest.approx(ma[a] - ma[b], abs=1e-15)
+        # pairwise SE uses the global denominator (Hillis 2007)
+        assert d["stderr"] == pytest.approx(math.sqrt(2 / 4 * res["RRRC"]["denominator"]))
+        assert d["ci_lower"] < d["estimate"] < d["ci_upper"]
+    assert res["RRRC"]["diff"] == res["RRRC"]["diffs"][0]
+    from scipy import stats as sps
+    assert res["RRRC"]["p"] == pytest.approx(sps.f.sf(res["RRRC"]["F"], 2, res["RRRC"]["df2"]))
+    assert res["FRRC"]["p"] == pytest.approx(sps.chi2.sf(res["FRRC"]["X2"], 2))
+    # per reader, pairwise: SE from that reader's own two variances and covariance
+    C4 = np.array(res["cov_matrix"]["values"]).reshape(3, 4, 3, 4)
+    pr = res["FRRC"]["per_reader_diffs"]["2"][2]  # reader 2, B - C
+    assert pr["stderr"] == pytest.approx(math.sqrt(C4[1, 1, 1, 1] + C4[2, 1, 2, 1] - 2 * C4[1, 1, 2, 1]))
+
+
+def test_negative_variance_components_are_kept():
+    found = None
+    for seed in range(200):
+        R, y = _sim(t=2, r=3, n=24, seed=seed)
+        res = M.mrmc_arrays(R, y)
+        vc = res["variance_components"]
+        if vc["var_tr"] < 0 or vc["var_r"] < 0:
+            found = (R, y, res)
+            break
+    assert found is not None
+    R, y, res = found
+    ref = _reference(R, y, "jackknife")
+    vc = res["variance_components"]
+    assert vc["var_tr"] == pytest.approx(ref["var_tr"], rel=1e-9, abs=1e-15)
+    assert vc["var_r"] == pytest.approx(ref["var_r"], rel=1e-9, abs=1e-15)
+    assert min(vc["var_tr"], vc["var_r"]) < 0  # reported as estimated, not truncated at 0
+
+
+def test_cov2_below_cov3_is_truncated_in_denominators():
+    for seed in range(300):
+        R, y = _sim(t=2, r=3, n=24, seed=seed, levels=False)
+        res = M.mrmc_arrays(R, y, cov="delong")
+        vc = res["variance_components"]
+        if vc["cov2"] < vc["cov3"]:
+            assert res["RRRC"]["cov2_minus_cov3_truncated_at_0"] is True
+            assert res["RRRC"]["denominator"] == pytest.approx(res["ms"]["ms_tr"], rel=1e-12)
+            assert res["FRRC"]["denominator"] == pytest.approx(vc["var_error"] - vc["cov1"], rel=1e-12)
+            assert res["FRRC"]["denominator_without_max"] < res["FRRC"]["denominator"]
+            return
+    pytest.fail("no simulated design with Cov2 < Cov3")
+
+
+# ----------------------------------------------------------------------------- properties
+def _long(R: np.ndarray, y: np.ndarray, modalities=None, readers=None, cases=None) -> pd.DataFrame:
+    t, r, n = R.shape
+    modalities = modalities or [str(i + 1) for i in range(t)]
+    readers = readers or [str(j + 1) for j in range(r)]
+    cases = cases or [f"c{k:03d}" for k in range(n)]
+    rows = [(readers[j], modalities[i], cases[k], int(y[k]), float(R[i, j, k]))
+            for i in range(t) for j in range(r) for k in range(n)]
+    return pd.DataFrame(rows, columns=list(M.READINGS_COLUMNS))
+
+
+def _flat(res: dict) -> dict:
+    out = {}
+
+    def walk(o, p):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k not in ("per_reader", "per_reader_diffs"):  # keyed by reader label: checked apart
+                    walk(v, f"{p}.{k}")
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            out[p] = float(o)
+    for k in ("modality_auc", "ms", "variance_components", "RRRC", "FRRC", "RRFC"):
+        walk(res[k], k)
+    return out
+
+
+def test_reader_and_case_permutation_invariance():
+    R, y = _sim(t=2, r=5, n=50, seed=7)
+    df = _long(R, y)
+    base = stats.mrmc(df, cov="jackknife")
+    rng = np.random.default_rng(0)
+    shuffled_rows = df.iloc[rng.permutation(len(df))].reset_index(drop=True)
+    # relabel readers in another order and cases in another order: same analysis
+    perm_r = {str(j + 1): str(p + 1) for j, p in enumerate(rng.permutation(5))}
+    perm_c = {f"c{k:03d}": f"c{p:03d}" for k, p in enumerate(rng.permutation(50))}
+    relabelled = df.assign(reader=df["reader"].map(perm_r), case_id=df["case_id"].map(perm_c))
+    for other in (shuffled_rows, relabelled):
+        res = stats.mrmc(other, cov="jackknife")
+        a, b = _flat(base), _flat(res)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-14), k
+    res = stats.mrmc(relabelled, cov="jackknife")
+    for old, new in perm_r.items():
+        assert res["reader_auc"][f"1|{new}"] == pytest.approx(base["reader_auc"][f"1|{old}"], rel=1e-12)
+        assert res["FRRC"]["per_reader"][new]["stderr"] == pytest.approx(base["FRRC"]["per_reader"][old]["stderr"],
+                                                                         rel=1e-9)
+
+
+def test_identical_arms_give_zero():
+    R, y = _sim(t=1, r=4, n=40, seed=3)
+    R2 = np.concatenate([R, R])
+    for cov in ("jackknife", "delong"):
+        res = M.mrmc_arrays(R2, y, cov=cov)
+        for an in ("RRRC", "RRFC"):
+            assert res[an]["F"] == 0.0 and res[an]["p"] == 1.0
+            assert res[an]["diff"]["estimate"] == 0.0
+            assert res[an]["diff"]["ci_lower"] == 0.0 == res[an]["diff"]["ci_upper"]
+        assert res["FRRC"]["X2"] == 0.0 and res["FRRC"]["p"] == 1.0 and res["FRRC"]["diff"]["estimate"] == 0.0
+        assert res["ms"]["ms_t"] == 0.0
+
+
+def test_network_arm_same_for_every_reader():
+    R, y = _sim(t=2, r=5, n=60, seed=11, ai=True)
+    assert (R[0] == R[0, :1]).all()
+    for cov in ("jackknife", "delong"):
+        res = M.mrmc_arrays(R, y, modalities=["net", "readers"], cov=cov)
+        vc = res["variance_components"]
+        assert abs(vc["var_r"]) <= 1e-12  # no reader variance: the network is one "reader" repeated
+        ai_rrrc = res["RRRC"]["single_modality"]["net"]
+        assert ai_rrrc["ms_r"] == 0.0
+        assert ai_rrrc["df"] == math.inf
+        assert res["RRFC"]["single_modality"]["net"]["stderr"] == 0.0
+        # var_tr: the interaction left after the readers' spread is split equally between the arms
+        assert res["ms"]["ms_r"] == pytest.approx(res["ms"]["ms_tr"], rel=1e-9)
+        assert vc["cov1"] == pytest.approx(vc["cov3"], rel=1e-9)
+        # every reader has the network's AUC in the network arm
+        assert len({res["reader_auc"][f"net|{j}"] for j in res["readers"]}) == 1
+        # the network arm's single-modality SE comes from the case variance alone
+        assert ai_rrrc["stderr"] == pytest.approx(math.sqrt(max(ai_rrrc["cov2"], 0)))
+    # JSON: the infinite df reads back as inf
+    js = json.loads(json.dumps(M.json_ready(res)))
+    assert float(js["RRRC"]["single_modality"]["net"]["df"]) == math.inf
+
+
+def test_delong_and_jackknife_from_placements_closed_form():
+    """Jackknife = (N-1)/N (S10/(m-1) + S01/(n-1)) vs DeLong S10/m + S01/n: same AUCs, close variances."""
+    R, y = _sim(t=2, r=3, n=200, seed=4)
+    a = M.mrmc_arrays(R, y, cov="jackknife")
+    b = M.mrmc_arrays(R, y, cov="delong")
+    assert a["reader_auc"] == b["reader_auc"]
+    va, vb = np.array(a["cov_matrix"]["values"]), np.array(b["cov_matrix"]["values"])
+    assert np.all(np.diag(va) > np.diag(vb)) and np.allclose(va, vb, rtol=0.03)
+
+
+def test_mrmc_table():
+    R, y = _sim(t=3, r=3, n=40, seed=9)
+    tab = stats.mrmc_table(M.mrmc_arrays(R, y))
+    assert list(tab["analysis"].unique()) == ["RRRC", "FRRC", "RRFC"]
+    assert len(tab) == 9 and tab["p"].between(0, 1).all()
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli(capsys, *args):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        main(["mrmc", *args])
+    out = capsys.readouterr()
+    return ex.value.code, out.out, out.err
+
+
+def _write(tmp_path, df, name="readings.csv") -> Path:
+    p = tmp_path / name
+    df.to_csv(p, index=False)
+    return p
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    R, y = _sim(t=2, r=4, n=40, seed=1)
+    p = _write(tmp_path, _long(R, y, modalities=["unaided", "aided"]))
+    code, out, err = _cli(capsys, "--readings", str(p))
+    assert code == 0, err
+    assert "RRRC" in out and "aided" in out and "Hillis" in out
+    code, out, err = _cli(capsys, "--readings", str(p), "--cov", "delong", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["cov_method"] == "DeLong" and res["modalities"] == ["aided", "unaided"]
+    assert res["RRRC"]["diff"]["comparison"] == "aided - unaided"
+    lib = M.mrmc_arrays(R[::-1], y, modalities=["aided", "unaided"], cov="delong")
+    assert res["RRRC"]["F"] == pytest.approx(lib["RRRC"]["F"], rel=1e-12)
+
+
+def _bad_cases(R, y):
+    df = _long(R, y)
+    out = {}
+    out["missing_column"] = (df.drop(columns=["truth"]), "truth")
+    out["unbalanced"] = (df.drop(index=5), "unbalanced")
+    d = df.copy()
+    d.loc[(d["case_id"] == "c000") & (d["reader"] == "2"), "truth"] = 0
+    out["truth_differs"] = (d, "case 'c000' has truth")
+    d = df.copy().astype({"rating": object})
+    d.loc[7, "rating"] = "high"
+    out["non_numeric_rating"] = (d, "rating")
+    out["single_reader"] = (df[df["reader"] == "1"], "single reader")
+    out["one_class"] = (df.assign(truth=1), "only positives")
+    d = df.copy()
+    d.loc[3, "rating"] = np.nan
+    out["missing_rating"] = (d, "rating")
+    out["duplicate"] = (pd.concat([df, df.iloc[[0]]]), "rated 2 times")
+    out["truth_not_binary"] = (df.assign(truth=df["truth"] * 2), "other than 0/1")
+    out["single_modality"] = (df[df["modality"] == "1"], "single modality")
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing_column", "unbalanced", "truth_differs", "non_numeric_rating",
+                                  "single_reader", "one_class", "missing_rating", "duplicate", "truth_not_binary",
+                                  "single_modality"])
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, case):
+    R, y = _sim(t=2, r=3, n=20, seed=0)
+    df, needle = _bad_cases(R, y)[case]
+    p = _write(tmp_path, df)
+    code, out, err = _cli(capsys, "--readings", str(p), "--json")
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {p}") and "Traceback" not in err
+    assert needle in lines[0], lines[0]
+    with pytest.raises(StatsInputError):
+        stats.mrmc(p)
+
+
+def test_cli_bad_options(tmp_path, capsys):
+    R, y = _sim(t=2, r=3, n=20, seed=0)
+    p = _write(tmp_path, _long(R, y))
+    code, _, err = _cli(capsys, "--readings", str(p), "--cov", "bootstrap")
+    assert code == 2 and "jackknife or delong" in err
+    code, _, err = _cli(capsys, "--readings", str(tmp_path / "absent.csv"))
+    assert code == 2 and "file not found" in err
+
+
+def test_subprocess_exit_codes(tmp_path):
+    R, y = _sim(t=2, r=3, n=20, seed=0)
+    p = _write(tmp_path, _long(R, y))
+    ok = subprocess.run([sys.executable, "-m", "nhb_core", "mrmc", "--readings", str(p), "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["RRRC"]["df1"] == 1
+    bad = subprocess.run([sys.executable, "-m", "nhb_core", "mrmc", "--readings", str(p.with_name("x.csv"))],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
