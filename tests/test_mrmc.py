@@ -464,3 +464,68 @@ def test_subprocess_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "nhb_core", "mrmc", "--readings", str(p.with_name("x.csv"))],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- synthetic reader study
+def test_synth_reader_study_paper_preset():
+    from nhb_core import synth
+
+    coh = synth.draw_cohort("paper", seed=0)
+    rs = synth.reader_study(coh, seed=0)
+    assert list(rs.columns) == ["reader", "modality", "case_id", "truth", "rating", "center"]
+    assert sorted(rs["reader"].unique()) == ["R1", "R2", "R3", "R4", "R5"] and set(rs["modality"]) == {"unaided"}
+    assert len(rs) == 5 * len(coh) and rs["rating"].between(1, 5).all() and rs["rating"].dtype.kind == "i"
+    assert set(rs["rating"].unique()) == {1, 2, 3, 4, 5}
+    summ = synth.reader_study_summary(rs)["unaided"]
+    for r, v in summ.items():
+        assert 0.7 <= v["auc"] <= 0.9, (r, v)
+        assert 0.45 <= v["sensitivity"] <= 0.8 and 0.75 <= v["specificity"] <= 0.95, (r, v)
+    # correlated through the shared visible signal: clearly positive between-reader correlation
+    wide = rs.pivot(index="case_id", columns="reader", values="rating")
+    corr = wide.corr(method="spearman").to_numpy()
+    assert corr[np.triu_indices(5, 1)].min() > 0.4
+    # the truth is the label, and the ratings are deterministic
+    assert (rs.groupby("case_id")["truth"].first() == coh.set_index("subject_id")["label"]).all()
+    assert rs.equals(synth.reader_study(synth.draw_cohort("paper", seed=0), seed=0))
+    assert not rs["rating"].equals(synth.reader_study(coh, seed=1)["rating"])
+
+
+def test_synth_aided_arm_leans_towards_network():
+    from nhb_core import synth
+
+    coh = synth.draw_cohort("paper", seed=0)
+    base = synth.reader_study(coh, seed=0)
+    good = dict(zip(coh["subject_id"], coh["oracle_p"]))
+    rs = synth.reader_study(coh, seed=0, network=good)
+    unaided = rs[rs["modality"] == "unaided"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(unaided, base)  # requesting the aided arm shifts no unaided draw
+    res = stats.mrmc(rs[rs["center"] == "A"])
+    assert res["modality_auc"]["aided"] > res["modality_auc"]["unaided"] + 0.05
+    assert res["RRRC"]["p"] < 0.05
+    # a useless network (constant 0.5) drags the aided ratings to the equivocal middle
+    flat = synth.reader_study(coh, seed=0, network={k: 0.5 for k in good})
+    sd_a = flat[flat["modality"] == "aided"]["rating"].std()
+    sd_u = flat[flat["modality"] == "unaided"]["rating"].std()
+    assert sd_a < sd_u
+    # subjects without a network score are left out of both arms (fully crossed)
+    part = synth.reader_study(coh, seed=0, network={k: good[k] for k in list(good)[:50]})
+    assert part["case_id"].nunique() == 50 and len(part) == 2 * 5 * 50
+
+
+def test_synthesize_writes_readings_and_keeps_the_rest(small_cohort):
+    from nhb_core import synth
+
+    root = Path(small_cohort).parent
+    man = pd.read_csv(small_cohort)
+    assert {"reader_1", "reader_2"} <= set(man.columns) and man["reader_1"].isin([0, 1]).all()
+    coh = synth.draw_cohort("small", seed=0)
+    assert (man["reader_1"].to_numpy() == coh["reader_1"].to_numpy()).all()  # the binary reads are unchanged
+    rs = pd.read_csv(root / "readings.csv", dtype={"case_id": str, "reader": str})
+    assert set(rs["case_id"]) == set(man["subject_id"])
+    pd.testing.assert_frame_equal(rs, synth.reader_study(coh, seed=0), check_dtype=False)
+    meta = json.loads((root / "cohort.json").read_text())
+    assert meta["reader_study"]["file"] == "readings.csv" and meta["reader_study"]["positive_rating"] == 3
+    assert set(meta["reader_study"]["summary"]["unaided"]) == {"R1", "R2", "R3", "R4", "R5"}
+    # the CLI reads the synthetic study (a single modality: an MRMC comparison needs a second arm)
+    with pytest.raises(StatsInputError, match="single modality"):
+        stats.mrmc(root / "readings.csv")
