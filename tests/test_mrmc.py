@@ -529,3 +529,74 @@ def test_synthesize_writes_readings_and_keeps_the_rest(small_cohort):
     # the CLI reads the synthetic study (a single modality: an MRMC comparison needs a second arm)
     with pytest.raises(StatsInputError, match="single modality"):
         stats.mrmc(root / "readings.csv")
+
+
+# ----------------------------------------------------------------------------- 1-5 ratings in reader_* columns
+def test_manifest_reader_columns_hold_ratings(small_cohort, tmp_path):
+    from nhb_core.manifest import cohort_summary, load_manifest, validate_manifest
+
+    root = Path(small_cohort).parent
+    man = pd.read_csv(small_cohort, dtype=str, keep_default_na=False)
+    for c in ("t1", "roi"):
+        man[c] = [str(root / v) for v in man[c]]
+    rs = pd.read_csv(root / "readings.csv", dtype={"case_id": str})
+    r1 = rs[rs["reader"] == "R1"].set_index("case_id")["rating"]
+    man["reader_1"] = [str(r1[s]) for s in man["subject_id"]]
+    man.loc[2, "reader_1"] = ""  # not read
+    p = tmp_path / "manifest.csv"
+    man.to_csv(p, index=False)
+    m = load_manifest(p)
+    assert m.reader_scales == {"reader_1": "rating", "reader_2": "binary"}
+    assert set(m.df["reader_1"].dropna().unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0} and np.isnan(m.df.loc[2, "reader_1"])
+    rt = cohort_summary(m)["readers"].set_index("reader")
+    read = m.df[m.df["reader_1"].notna()]
+    calls = read["reader_1"] >= 3
+    assert rt.loc["reader_1", "scale"] == "rating" and rt.loc["reader_1", "n_positive"] == int(calls.sum())
+    assert rt.loc["reader_1", "sensitivity"] == pytest.approx(calls[read["label"] == 1].mean())
+    assert rt.loc["reader_1", "specificity"] == pytest.approx(1 - calls[read["label"] == 0].mean())
+    # a column mixing 0/1 reads with 2-5 ratings is a problem naming the row
+    man.loc[0, "reader_1"], man.loc[1, "reader_1"] = "0", "4"
+    man.to_csv(p, index=False)
+    rep = validate_manifest(p, check_images=False)
+    hit = [q for q in rep.problems if "mixes 0/1 reads with 1-5 ratings" in q.problem]
+    assert len(hit) == 1 and hit[0].row == 3 and hit[0].column == "reader_1"
+
+
+def _rating_table(n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n // 2, int), np.zeros(n - n // 2, int)]
+    lat = y + rng.normal(size=n)
+    return pd.DataFrame({"label": y, "m1": 1 / (1 + np.exp(-(1.5 * y + rng.normal(size=n)))),
+                         "reader_1": np.digitize(lat + rng.normal(scale=0.5, size=n), [-0.5, 0.2, 0.7, 1.3]) + 1,
+                         "reader_2": (lat + rng.normal(scale=0.5, size=n) > 0.6).astype(int)})
+
+
+def test_set_metrics_rating_reader_gets_auc_and_calls():
+    df = _rating_table()
+    blk = stats.set_metrics(df, "label", ["m1"], None, ["reader_1", "reader_2"], {"m1": 0.5}, n_boot=200)
+    r1, r2 = blk["readers"]["reader_1"], blk["readers"]["reader_2"]
+    y, rat = df["label"].to_numpy(), df["reader_1"].to_numpy(float)
+    assert r1["scale"] == "rating" and r1["positive_rating"] == 3
+    assert r1["auc"] == pytest.approx(stats.auc(y, rat), rel=1e-12)
+    assert r1["auc_ci_delong"] == pytest.approx(list(stats.auc_ci_delong(y, rat)), rel=1e-12)
+    assert r1["confusion"]["tp"] == int(((rat >= 3) & (y == 1)).sum())
+    assert r1["roc"]["points"]["fpr"][0] == 0.0 and r1["roc"]["points"]["tpr"][-1] == 1.0
+    ref = stats.delong_paired(y, df["m1"], rat)
+    assert r1["vs"]["m1"]["delong_p"] == pytest.approx(ref["p_value"], rel=1e-12)
+    assert r1["vs"]["m1"]["auc_diff"] == pytest.approx(ref["auc_diff"], rel=1e-12)
+    assert "auc" not in r2 and "scale" not in r2  # a 0/1 reader is as before
+    assert blk["reader_agreement"]["pairs"][0]["n"] == len(df)  # kappa on the calls
+
+
+def test_stats_cli_accepts_a_rating_reader(tmp_path, capsys):
+    df = _rating_table()
+    p = tmp_path / "pred.csv"
+    df.to_csv(p, index=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        main(["stats", "--predictions", str(p), "--truth", "label", "--score", "m1", "--reader", "reader_1",
+              "--threshold", "0.5", "--json", "--n-boot", "100"])
+    out = capsys.readouterr()
+    assert ex.value.code == 0, out.err
+    r1 = json.loads(out.out)["readers"]["reader_1"]
+    assert r1["scale"] == "rating" and r1["auc"] == pytest.approx(stats.auc(df["label"], df["reader_1"]))
