@@ -600,3 +600,73 @@ def test_stats_cli_accepts_a_rating_reader(tmp_path, capsys):
     assert ex.value.code == 0, out.err
     r1 = json.loads(out.out)["readers"]["reader_1"]
     assert r1["scale"] == "rating" and r1["auc"] == pytest.approx(stats.auc(df["label"], df["reader_1"]))
+
+
+# ----------------------------------------------------------------------------- study integration
+def _fake_run(tmp_path, aided=True, seed=0):
+    from nhb_core import synth
+
+    coh = synth.draw_cohort("paper", seed=seed)
+    rng = np.random.default_rng(5)
+    coh["m1"] = np.clip(coh["oracle_p"] + rng.normal(0, 0.1, len(coh)), 0, 1)
+    coh["m2"] = rng.random(len(coh))  # a useless network
+    pred = tmp_path / "predictions"
+    pred.mkdir()
+    test = coh[coh["center"] == "A"].iloc[::3]
+    ext = coh[coh["center"] == "B"]
+    cols = ["subject_id", "center", "label", "m1", "m2", "reader_1"]
+    test[cols].to_csv(pred / "test__subjects.csv", index=False)
+    ext[cols].to_csv(pred / "external_B__subjects.csv", index=False)
+    coh[coh["center"] == "A"].iloc[1::3][cols].to_csv(pred / "val__subjects.csv", index=False)
+    net = dict(zip(coh["subject_id"], coh["m1"])) if aided else None
+    rs = synth.reader_study(coh, seed=seed, network=net)
+    rs = rs[rs["case_id"] != test["subject_id"].iloc[0]]  # one test subject not read
+    readings = tmp_path / "readings.csv"
+    rs.to_csv(readings, index=False)
+    return pred, readings, test, ext, rs
+
+
+def test_study_mrmc_networks_vs_readers(tmp_path):
+    pred, readings, test, ext, rs = _fake_run(tmp_path)
+    out = M.study_mrmc(pred, readings, ["m1", "m2"])
+    assert set(out) == {"test", "external:B", "pooled"}  # held-out sets only
+    t = out["test"]
+    assert t["n_cases"] == len(test) - 1 and t["n_set_subjects"] == len(test) and "not rated" in t["notes"][0]
+    assert set(t["comparisons"]) == {"m1 vs aided", "m1 vs unaided", "m2 vs aided", "m2 vs unaided",
+                                     "aided vs unaided"}
+    # one comparison equals the analysis of the long table built by hand (network repeated per reader)
+    keep = test.iloc[1:]
+    un = rs[(rs["modality"] == "unaided") & rs["case_id"].isin(keep["subject_id"])]
+    net = pd.concat([un.assign(modality="m1", rating=un["case_id"].map(dict(zip(keep["subject_id"], keep["m1"]))))])
+    ref = stats.mrmc(pd.concat([net, un]), cov="jackknife")  # modalities sort as m1, unaided
+    got = t["comparisons"]["m1 vs unaided"]
+    for k in ("F", "df2", "p"):
+        assert got["RRRC"][k] == pytest.approx(ref["RRRC"][k], rel=1e-9)
+    assert got["RRRC"]["diff"]["comparison"] == "m1 - unaided"
+    assert got["RRRC"]["single_modality"]["m1"]["df"] == "inf"  # the network: no reader variance
+    assert abs(got["variance_components"]["var_r"]) < 1e-12
+    # the good network beats the unaided readers, the useless one does not
+    tab = M.study_mrmc_table(out["pooled"])
+    row = tab.set_index("comparison")
+    assert row.loc["m1 vs unaided", "diff"] > 0 and row.loc["m2 vs unaided", "diff"] < 0
+    assert row.loc["aided vs unaided", "auc_a"] > row.loc["aided vs unaided", "auc_b"]
+    assert out["pooled"]["n_cases"] == len(test) - 1 + len(ext)
+    json.dumps(out, allow_nan=False)  # JSON-ready
+
+
+def test_study_mrmc_edge_cases(tmp_path):
+    pred, readings, test, ext, rs = _fake_run(tmp_path, aided=False)
+    # readers who read only the test set: the external set has no analysis, and says why
+    rs[rs["center"] == "A"].to_csv(readings, index=False)
+    out = M.study_mrmc(pred, readings, ["m1"], sets=["test", "external:B"])
+    assert set(out) == {"test", "external:B"}
+    assert out["external:B"]["comparisons"] == {} and out["external:B"]["n_cases"] == 0
+    assert any("no MRMC analysis" in n for n in out["external:B"]["notes"])
+    assert set(out["test"]["comparisons"]) == {"m1 vs unaided"}
+    # a truth that disagrees with the study's label: that subject is left out, with a note
+    bad = rs.copy()
+    sid = test["subject_id"].iloc[5]
+    bad.loc[bad["case_id"] == sid, "truth"] = 1 - bad.loc[bad["case_id"] == sid, "truth"]
+    bad.to_csv(readings, index=False)
+    out = M.study_mrmc(pred, readings, ["m1"], sets=["test"])
+    assert out["test"]["n_cases"] == len(test) - 2 and any("truth" in n for n in out["test"]["notes"])

@@ -40,7 +40,7 @@ from nhb_core.errors import StatsInputError
 from nhb_core.stats._roc import _groups, _placements_from_groups
 
 __all__ = ["READINGS_COLUMNS", "COV_METHODS", "read_readings", "readings_array", "mrmc", "mrmc_arrays",
-           "mrmc_table", "json_ready"]
+           "mrmc_table", "json_ready", "study_mrmc", "study_mrmc_table"]
 
 #: the columns of a long-format readings file, one row per reader x modality x case
 READINGS_COLUMNS = ("reader", "modality", "case_id", "truth", "rating")
@@ -611,6 +611,136 @@ def mrmc_table(result: dict):
                          "stderr": d["stderr"], "ci_lower": d["ci_lower"], "ci_upper": d["ci_upper"],
                          "statistic": stat, "df1": df1, "df2": df2, "p_global": blk["p"], "p": d["p"]})
     return pd.DataFrame(rows)
+
+
+def _set_from_file(stem: str) -> str:
+    return "external:" + stem[len("external_"):] if stem.startswith("external_") else stem
+
+
+def study_mrmc(pred_dir: str | os.PathLike, readings: str | os.PathLike, models: Sequence[str], *,
+               cov: str = "jackknife", level: float = 0.95, sets: Sequence[str] | None = None) -> dict:
+    """Networks versus readers (and aided versus unaided readers) on a run's held-out sets.
+
+    For every held-out set (``test``, ``external:*``, and ``pooled`` = all of them when there are at
+    least two) the cases are the set's subjects that every reader rated under every arm of the
+    readings file; each network's subject-level probability (``predictions/<set>__subjects.csv``) is
+    a modality rated identically by every reader. One two-modality Obuchowski-Rockette analysis per
+    network x reader arm (``"<model> vs <arm>"``: difference = network - readers), plus
+    ``"aided vs unaided"`` when the readings hold both arms. The truth is the study's label; a
+    reading whose truth differs from it is noted, not used.
+
+    Parameters
+    ----------
+    pred_dir : a run's ``predictions`` folder.
+    readings : long-format readings CSV (``reader, modality, case_id, truth, rating``; case_id =
+        subject_id), e.g. the synthetic cohort's ``readings.csv`` next to the manifest.
+    models : the network columns to compare.
+    cov, level : as :func:`mrmc_arrays`.
+    sets : restrict to these set names (default: every held-out set found, and ``pooled``).
+
+    Returns
+    -------
+    {set: {"design": "networks vs readers", "readings": str, "cov_method", "level", "readers": [..],
+    "arms": [..], "models": [..], "n_cases", "n_pos", "n_neg", "n_set_subjects", "notes": [str],
+    "comparisons": {"<a> vs <b>": mrmc result (json_ready: an infinite df is "inf")}}}; a set where
+    no analysis is possible (too few cases read, one class) holds ``comparisons: {}`` and a note.
+
+    Examples
+    --------
+    >>> blk = study_mrmc("run/predictions", "cohort/readings.csv", ["resnet18"])  # doctest: +SKIP
+    >>> blk["test"]["comparisons"]["resnet18 vs unaided"]["RRRC"]["diff"]["estimate"]  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    pred_dir = Path(pred_dir)
+    rd = read_readings(readings)
+    arms = _sorted_levels(rd["modality"].tolist())
+    rdrs = _sorted_levels(rd["reader"].tolist())
+    tables = {}
+    for f in sorted(pred_dir.glob("*__subjects.csv")):
+        name = _set_from_file(f.name[: -len("__subjects.csv")])
+        if name == "test" or name.startswith("external:"):
+            tables[name] = pd.read_csv(f, dtype={"subject_id": str})
+    if len(tables) >= 2:
+        tables["pooled"] = pd.concat(list(tables.values()), ignore_index=True)
+    if sets is not None:
+        tables = {k: v for k, v in tables.items() if k in set(sets)}
+    dup = rd.duplicated(["reader", "modality", "case_id"])
+    if dup.any():
+        k = int(np.flatnonzero(dup.to_numpy())[0])
+        raise StatsInputError(readings, f"reader '{rd['reader'][k]}', modality '{rd['modality'][k]}', case "
+                              f"'{rd['case_id'][k]}' is rated twice", "Give one rating per reader x modality x case",
+                              row=k + 2)
+    # cases rated by every reader under every arm (a fully crossed design)
+    cell = rd.groupby("case_id").size()
+    full = set(cell.index[cell == len(arms) * len(rdrs)])
+    out = {}
+    for name, sub in tables.items():
+        notes: list[str] = []
+        blk = {"design": "networks vs readers", "readings": str(readings), "cov_method": COV_METHODS.get(
+            str(cov).lower(), cov), "level": level, "readers": rdrs, "arms": arms, "models": [], "notes": notes,
+            "n_set_subjects": int(len(sub)), "n_cases": 0, "n_pos": 0, "n_neg": 0, "comparisons": {}}
+        out[name] = blk
+        mods = [m for m in models if m in sub.columns and np.isfinite(pd.to_numeric(sub[m], errors="coerce")).all()]
+        blk["models"] = mods
+        sub = sub.drop_duplicates("subject_id")
+        keep = sub[sub["subject_id"].isin(full)]
+        if len(keep) < len(sub):
+            notes.append(f"{len(sub) - len(keep)} of {len(sub)} subjects not rated by every reader under every arm: "
+                         "left out")
+        part = rd[rd["case_id"].isin(set(keep["subject_id"]))]
+        truth = dict(zip(keep["subject_id"], keep["label"].astype(int)))
+        bad = part["truth"].to_numpy() != part["case_id"].map(truth).to_numpy()
+        if bad.any():
+            wrong = set(part["case_id"][bad])
+            notes.append(f"{len(wrong)} subjects have a readings truth other than their label: left out")
+            keep = keep[~keep["subject_id"].isin(wrong)]
+            part = part[~part["case_id"].isin(wrong)]
+        y = keep["label"].to_numpy(dtype=int) == 1
+        blk.update({"n_cases": int(len(keep)), "n_pos": int(y.sum()), "n_neg": int((~y).sum())})
+        if y.sum() < 2 or (~y).sum() < 2:
+            notes.append("fewer than two read cases of each class: no MRMC analysis")
+            continue
+        cases = keep["subject_id"].tolist()
+        pos = {c: k for k, c in enumerate(cases)}
+        ai = {a: i for i, a in enumerate(arms)}
+        ri = {r: j for j, r in enumerate(rdrs)}
+        X = np.empty((len(arms), len(rdrs), len(cases)))
+        X[part["modality"].map(ai).to_numpy(), part["reader"].map(ri).to_numpy(),
+          part["case_id"].map(pos).to_numpy()] = part["rating"].to_numpy(dtype=float)
+        pairs = [(m, a) for m in mods for a in arms]
+        if "aided" in ai and "unaided" in ai:
+            pairs.append(("aided", "unaided"))
+        for a, b in pairs:
+            Xa = np.broadcast_to(keep[a].to_numpy(dtype=float), (len(rdrs), len(cases))) if a in mods else X[ai[a]]
+            Xb = X[ai[b]]
+            res = mrmc_arrays(np.stack([Xa, Xb]), y, modalities=[a, b], readers=rdrs, cov=cov, level=level,
+                              source=str(readings))
+            blk["comparisons"][f"{a} vs {b}"] = json_ready(res)
+    return out
+
+
+def study_mrmc_table(block: dict):
+    """One row per comparison of a :func:`study_mrmc` set block, for the Results page and the report:
+    ``comparison, auc_a, auc_b, diff, ci_lower, ci_upper, p`` (random readers and cases, Hillis df),
+    ``df2``, ``p_fixed_readers`` (FRRC), ``p_fixed_cases`` (RRFC).
+
+    Examples
+    --------
+    >>> study_mrmc_table(metrics["sets"]["test"]["mrmc"])  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    rows = []
+    for name, res in (block or {}).get("comparisons", {}).items():
+        a, b = res["modalities"]
+        d = res["RRRC"]["diff"]
+        rows.append({"comparison": name, "a": a, "b": b, "auc_a": res["modality_auc"][a],
+                     "auc_b": res["modality_auc"][b], "diff": d["estimate"], "ci_lower": d["ci_lower"],
+                     "ci_upper": d["ci_upper"], "p": d["p"], "df2": res["RRRC"]["df2"],
+                     "p_fixed_readers": res["FRRC"]["p"], "p_fixed_cases": res["RRFC"]["p"]})
+    return pd.DataFrame(rows, columns=["comparison", "a", "b", "auc_a", "auc_b", "diff", "ci_lower", "ci_upper", "p",
+                                       "df2", "p_fixed_readers", "p_fixed_cases"])
 
 
 def json_ready(result: dict) -> dict:
