@@ -406,7 +406,9 @@ class _Study:
                                 {"manifest": man_sha, "dataset": ds_sha, "split": split_sha,
                                  "models": model_shas, "predictions": pred_sha})
 
-        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]),
+        readings = Path(self.manifest).parent / "readings.csv"  # a reader study next to the manifest: MRMC
+        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]
+                                                 + ([_sha_or_none(readings)] if readings.is_file() else [])),
                    lambda: _sha_many([metrics_path, rd / "tables"]), do_stats)
         metrics_sha = self.cache.get("stats")["output_sha256"]
 
@@ -517,6 +519,12 @@ class _Study:
         emit(self.progress, "stats", message="computing AUCs, CIs and tests")
         sets = stats.study_metrics(pred_dir, thresholds, readers, **_stats_kwargs(stats.study_metrics, scfg,
                                                                                    self.cfg["seed"]))
+        readings = Path(self.manifest).parent / "readings.csv"
+        if readings.is_file():  # networks vs readers, MRMC (docs/stats.md): sets[<set>]["mrmc"]
+            emit(self.progress, "stats", message="MRMC reader study")
+            for set_name, blk in stats.mrmc.study_mrmc(pred_dir, readings, list(self.cfg["models"])).items():
+                if set_name in sets:
+                    sets[set_name]["mrmc"] = blk
         metrics = {
             "run": {
                 "name": self.cfg.get("name") or rd.name,

@@ -670,3 +670,34 @@ def test_study_mrmc_edge_cases(tmp_path):
     bad.to_csv(readings, index=False)
     out = M.study_mrmc(pred, readings, ["m1"], sets=["test"])
     assert out["test"]["n_cases"] == len(test) - 2 and any("truth" in n for n in out["test"]["notes"])
+
+
+def test_study_run_writes_mrmc_into_metrics_report_and_page_tables(small_run, small_cohort):
+    from nhb_core import dashboard_data as dd
+    from nhb_core.fileio import read_json
+    from nhb_core.report import render_report
+
+    assert (Path(small_cohort).parent / "readings.csv").is_file()
+    m = read_json(small_run / "metrics.json")
+    models = list(m["run"]["models"])
+    held = [s for s in m["sets"] if s == "test" or s.startswith("external:") or s == "pooled"]
+    assert held and "mrmc" not in m["sets"].get("val", {})
+    for s in held:
+        blk = m["sets"][s]["mrmc"]
+        assert blk["design"] == "networks vs readers" and blk["arms"] == ["unaided"]
+        assert blk["readers"] == ["R1", "R2", "R3", "R4", "R5"]
+        if blk["comparisons"]:
+            assert set(blk["comparisons"]) == {f"{x} vs unaided" for x in models}
+            res = blk["comparisons"][f"{models[0]} vs unaided"]
+            assert res["RRRC"]["diff"]["comparison"] == f"{models[0]} - unaided"
+            assert abs(res["variance_components"]["var_r"]) < 1e-12
+        else:
+            assert blk["notes"]
+    assert any(m["sets"][s]["mrmc"]["comparisons"] for s in held)  # external:B (5 + 5 subjects) at least
+    s = next(s for s in held if m["sets"][s]["mrmc"]["comparisons"])
+    blk, comp, aucs = dd.mrmc_tables(m, s)
+    assert blk is m["sets"][s]["mrmc"] and len(comp) == len(blk["comparisons"])
+    assert set(aucs["reader"]) == {"R1", "R2", "R3", "R4", "R5", "(network)"}
+    assert comp["p"].between(0, 1).all()
+    html = render_report(small_run)
+    assert "Reader study: networks versus readers (MRMC)" in html

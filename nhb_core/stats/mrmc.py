@@ -720,6 +720,11 @@ def study_mrmc(pred_dir: str | os.PathLike, readings: str | os.PathLike, models:
     return out
 
 
+def _as_float(v) -> float:
+    """A JSON value back to float ("inf" -> inf, None -> NaN)."""
+    return float("nan") if v is None else float(v)
+
+
 def study_mrmc_table(block: dict):
     """One row per comparison of a :func:`study_mrmc` set block, for the Results page and the report:
     ``comparison, auc_a, auc_b, diff, ci_lower, ci_upper, p`` (random readers and cases, Hillis df),
@@ -737,7 +742,7 @@ def study_mrmc_table(block: dict):
         d = res["RRRC"]["diff"]
         rows.append({"comparison": name, "a": a, "b": b, "auc_a": res["modality_auc"][a],
                      "auc_b": res["modality_auc"][b], "diff": d["estimate"], "ci_lower": d["ci_lower"],
-                     "ci_upper": d["ci_upper"], "p": d["p"], "df2": res["RRRC"]["df2"],
+                     "ci_upper": d["ci_upper"], "p": d["p"], "df2": _as_float(res["RRRC"]["df2"]),
                      "p_fixed_readers": res["FRRC"]["p"], "p_fixed_cases": res["RRFC"]["p"]})
     return pd.DataFrame(rows, columns=["comparison", "a", "b", "auc_a", "auc_b", "diff", "ci_lower", "ci_upper", "p",
                                        "df2", "p_fixed_readers", "p_fixed_cases"])
