@@ -701,3 +701,33 @@ def test_study_run_writes_mrmc_into_metrics_report_and_page_tables(small_run, sm
     assert comp["p"].between(0, 1).all()
     html = render_report(small_run)
     assert "Reader study: networks versus readers (MRMC)" in html
+
+
+def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
+    import shutil
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from nhb_core import dashboard_data as dd
+    from nhb_core.fileio import read_json
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setenv("NHB_RUNS_DIR", str(runs))
+    monkeypatch.setenv("NHB_DATA_DIR", str(tmp_path / "data"))
+    shutil.copytree(small_run, runs / small_run.name)
+    m = read_json(small_run / "metrics.json")
+    s = next(s for s in dd.sort_sets(m["sets"]) if (m["sets"][s].get("mrmc") or {}).get("comparisons"))
+    at = AppTest.from_file(str(repo / "app.py"), default_timeout=300).run()
+    at.switch_page("pages/3_Results.py").run()
+    at.selectbox(key="a_set").select(s).run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    assert any("Reader study: networks vs readers" in x.value for x in at.markdown)
+    frames = [d.value for d in at.dataframe]
+    comp = next(f for f in frames if "comparison" in f.columns)
+    assert set(comp["comparison"]) == set(m["sets"][s]["mrmc"]["comparisons"])
+    assert any("R1" in set(f.get("reader", [])) for f in frames)
