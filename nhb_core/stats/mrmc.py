@@ -97,7 +97,7 @@ def read_readings(path: str | os.PathLike):
         raise StatsInputError(path, "file not found", "Give an existing readings CSV "
                               "(columns reader, modality, case_id, truth, rating)")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except Exception as err:  # pandas raises many types
         raise StatsInputError(path, f"cannot be read as CSV ({type(err).__name__}: {err})",
                               "Give a comma-separated file with a header row") from None
@@ -276,7 +276,8 @@ def _error_cov(V10: np.ndarray, V01: np.ndarray, aucs: np.ndarray, method: str) 
         return S10 / m1 + S01 / n0
     # leave-one-case-out jackknife from the placements: removing positive k gives
     # AUC_(k) = (m AUC - V10_k) / (m - 1), removing negative k gives (n AUC - V01_k) / (n - 1); the mean
-    # of the N = m + n pseudo-AUCs is AUC, so cov = (N-1)/N sum_k d_k d_k' reduces to
+    # of the N = m + n pseudo-AUCs is AUC, so cov = (N-1)/N sum_k d_k d_k' (d_k = AUC_(k) - AUC) reduces to
+    # (N-1)/N [S10/(m-1) + S01/(n-1)]: exact, O(N) per pair, no N leave-one-out AUCs
     N = m1 + n0
     return (N - 1) / N * (S10 / (m1 - 1) + S01 / (n0 - 1))
 
