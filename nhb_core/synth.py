@@ -74,7 +74,7 @@ STUDY_READERS = {
     "R4": {"sd": 0.040, "cuts": (0.050, 0.088, 0.110, 0.145)},  # lenient, noisier
     "R5": {"sd": 0.032, "cuts": (0.055, 0.095, 0.125, 0.165)},
 }
-RATING_POSITIVE = 3
+RATING_POSITIVE = 3  # = nhb_core.stats._checks.RATING_POSITIVE (not imported: synth stays light)
 REREAD_SD = 0.012  # within-reader noise of a second (aided) read of the same case
 AID_WEIGHT = 0.5  # aided arm: latent = (1 - w) (own read) + w (network score on the reader's scale)
 

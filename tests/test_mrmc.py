@@ -651,6 +651,9 @@ def test_study_mrmc_networks_vs_readers(tmp_path):
     assert row.loc["m1 vs unaided", "diff"] > 0 and row.loc["m2 vs unaided", "diff"] < 0
     assert row.loc["aided vs unaided", "auc_a"] > row.loc["aided vs unaided", "auc_b"]
     assert out["pooled"]["n_cases"] == len(test) - 1 + len(ext)
+    agr = out["pooled"]["agreement"]
+    assert set(agr) == {"aided", "unaided"} and agr["unaided"]["calls"]["n_readers"] == 5
+    assert agr["unaided"]["calls"]["kappa"] > 0.3 and agr["unaided"]["ratings"]["categories"] == [1, 2, 3, 4, 5]
     json.dumps(out, allow_nan=False)  # JSON-ready
 
 
@@ -731,3 +734,33 @@ def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
     comp = next(f for f in frames if "comparison" in f.columns)
     assert set(comp["comparison"]) == set(m["sets"][s]["mrmc"]["comparisons"])
     assert any("R1" in set(f.get("reader", [])) for f in frames)
+
+
+# ----------------------------------------------------------------------------- agreement
+def test_fleiss_kappa_matches_statsmodels_and_is_used():
+    sm = pytest.importorskip("statsmodels.stats.inter_rater")
+    from nhb_core import synth
+    from nhb_core.stats._checks import RATING_POSITIVE
+
+    assert synth.RATING_POSITIVE == RATING_POSITIVE
+    rng = np.random.default_rng(0)
+    X = rng.integers(1, 6, size=(5, 60))
+    X[1] = np.where(rng.random(60) < 0.6, X[0], X[1])
+    for data in (X, (X >= 3).astype(int)):
+        got = stats.fleiss_kappa(data)
+        ref = sm.fleiss_kappa(sm.aggregate_raters(data.T)[0])
+        assert got["kappa"] == pytest.approx(ref, rel=1e-12) and got["n"] == 60 and got["n_readers"] == 5
+        assert 0 < got["p_value"] < 1 and got["se0"] > 0
+    # two readers, two categories: Fleiss' kappa is Scott's pi; perfect agreement gives 1
+    same = stats.fleiss_kappa({"a": [0, 1, 1, 0, 1], "b": [0, 1, 1, 0, 1]})
+    assert same["kappa"] == pytest.approx(1.0) and same["p_value"] < 0.05
+    # missing reads: the case is dropped
+    assert stats.fleiss_kappa({"a": [0, 1, np.nan, 1], "b": [0, 1, 1, 1]})["n"] == 3
+    # the synthetic readers agree (shared visible signal), and set_metrics reports it
+    rs = synth.reader_study(synth.draw_cohort("paper", seed=0), seed=0)
+    wide = rs.pivot(index="case_id", columns="reader", values="rating")
+    fk = stats.fleiss_kappa(wide.to_numpy().T >= 3)
+    assert 0.4 < fk["kappa"] < 0.8 and fk["p_value"] < 1e-6
+    blk = stats.set_metrics(_rating_table(), "label", ["m1"], None, ["reader_1", "reader_2"], {"m1": 0.5},
+                            n_boot=50)
+    assert blk["reader_agreement"]["fleiss"]["n_readers"] == 2

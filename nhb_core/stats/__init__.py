@@ -13,6 +13,7 @@ Usage: ``from nhb_core import stats; stats.auc(y, score)``.
 from nhb_core.stats._binary import (METRICS, clopper_pearson_ci, cohens_kappa, compare_to_reader, confusion,
                                     mcnemar_exact, mcnemar_table, precision_paired, proportion, reader_consensus,
                                     threshold_metrics, wilson_ci, youden_threshold)
+from nhb_core.stats._binary import fleiss_kappa
 from nhb_core.stats._calibration import DCA_THRESHOLDS, brier_score, calibration, decision_curve
 from nhb_core.stats._roc import (FPR_GRID, ROCCurve, auc, auc_ci_bootstrap, auc_ci_delong, bootstrap_aucs,
                                  cluster_bootstrap_ci, clustered_auc, clustered_paired, delong_cov, delong_matrix,
@@ -31,5 +32,5 @@ __all__ = [
     "METRICS", "brier_score", "calibration", "decision_curve", "DCA_THRESHOLDS",
     "set_metrics", "study_metrics", "tidy_table", "roc_table", "aggregate_subjects", "load_predictions",
     "analyze_predictions", "set_name_from_file",
-    "mrmc", "mrmc_arrays", "mrmc_table", "read_readings", "readings_array",
+    "mrmc", "mrmc_arrays", "mrmc_table", "read_readings", "readings_array", "fleiss_kappa",
 ]

@@ -227,7 +227,7 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
         block["reader_agreement"] = {"kappa": pairs[0]["kappa"] if len(pairs) == 1 else
                                      (float(np.mean(ks)) if ks else _NAN),
                                      "kappa_method": "cohen" if len(pairs) == 1 else "mean pairwise cohen (light)",
-                                     "pairs": pairs}
+                                     "pairs": pairs, "fleiss": B.fleiss_kappa(reads, level)}
         cons = B.reader_consensus(reads, rule=consensus_rule)
         block["consensus"] = {"rule": consensus_rule, "readers": names, **reader_block(cons)}
     return block

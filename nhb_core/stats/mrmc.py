@@ -37,6 +37,8 @@ import numpy as np
 from scipy import stats as sps
 
 from nhb_core.errors import StatsInputError
+from nhb_core.stats._binary import fleiss_kappa
+from nhb_core.stats._checks import RATING_POSITIVE
 from nhb_core.stats._roc import _groups, _placements_from_groups
 
 __all__ = ["READINGS_COLUMNS", "COV_METHODS", "read_readings", "readings_array", "mrmc", "mrmc_arrays",
@@ -643,6 +645,7 @@ def study_mrmc(pred_dir: str | os.PathLike, readings: str | os.PathLike, models:
     -------
     {set: {"design": "networks vs readers", "readings": str, "cov_method", "level", "readers": [..],
     "arms": [..], "models": [..], "n_cases", "n_pos", "n_neg", "n_set_subjects", "notes": [str],
+    "agreement": {arm: {"calls" (rating >= 3), "ratings" (5 categories): Fleiss' kappa}},
     "comparisons": {"<a> vs <b>": mrmc result (json_ready: an infinite df is "inf")}}}; a set where
     no analysis is possible (too few cases read, one class) holds ``comparisons: {}`` and a note.
 
@@ -709,6 +712,8 @@ def study_mrmc(pred_dir: str | os.PathLike, readings: str | os.PathLike, models:
         X = np.empty((len(arms), len(rdrs), len(cases)))
         X[part["modality"].map(ai).to_numpy(), part["reader"].map(ri).to_numpy(),
           part["case_id"].map(pos).to_numpy()] = part["rating"].to_numpy(dtype=float)
+        blk["agreement"] = {a: {"calls": fleiss_kappa((X[ai[a]] >= RATING_POSITIVE).astype(float), level),
+                                "ratings": fleiss_kappa(X[ai[a]], level)} for a in arms}
         pairs = [(m, a) for m in mods for a in arms]
         if "aided" in ai and "unaided" in ai:
             pairs.append(("aided", "unaided"))
