@@ -172,9 +172,15 @@ def roc_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject"
             se, sp = _value(r.get("sensitivity")), _value(r.get("specificity"))
             if se is None or sp is None:
                 continue
+            pts = (r.get("roc") or {}).get("points") or {}
+            if pts.get("fpr") and r.get("auc") is not None:  # a reader with 1-5 ratings: its empirical ROC
+                fig.add_trace(go.Scatter(x=pts["fpr"], y=pts["tpr"], mode="lines",
+                                         line=dict(color="#111111", width=1, dash="dash"), legendgroup=rname,
+                                         name=f"{rname} ratings, AUC {r['auc']:.3f}",
+                                         hovertemplate="1-spec %{x:.3f}<br>sens %{y:.3f}<extra>" + rname + "</extra>"))
             fig.add_trace(go.Scatter(x=[1 - sp], y=[se], mode="markers",
                                      marker=dict(color="#111111", size=11, symbol=READER_SYMBOLS[i % len(READER_SYMBOLS)]),
-                                     name=f"{rname} (sens {se:.2f}, spec {sp:.2f})",
+                                     name=f"{rname} (sens {se:.2f}, spec {sp:.2f})", legendgroup=rname,
                                      hovertemplate="1-spec %{x:.3f}<br>sens %{y:.3f}<extra>" + rname + "</extra>"))
     oracle = oracle_for_set(metrics, set_name) if show_oracle else None
     if oracle is not None:

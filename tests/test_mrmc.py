@@ -764,3 +764,18 @@ def test_fleiss_kappa_matches_statsmodels_and_is_used():
     blk = stats.set_metrics(_rating_table(), "label", ["m1"], None, ["reader_1", "reader_2"], {"m1": 0.5},
                             n_boot=50)
     assert blk["reader_agreement"]["fleiss"]["n_readers"] == 2
+
+
+def test_roc_figure_draws_a_rating_readers_curve():
+    from nhb_core import figures
+
+    blk = stats.set_metrics(_rating_table(), "label", ["m1"], None, ["reader_1", "reader_2"], {"m1": 0.5},
+                            n_boot=50)
+    metrics = {"sets": {"test": {"level": {"subject": blk}}}, "run": {"models": {"m1": {}}}}
+    fig = figures.roc_figure(metrics, "test", "subject")
+    names = [t.name for t in fig.data]
+    curve = [t for t in fig.data if t.name.startswith("reader_1 ratings")]
+    assert len(curve) == 1 and f"AUC {blk['readers']['reader_1']['auc']:.3f}" in curve[0].name
+    assert list(curve[0].x) == blk["readers"]["reader_1"]["roc"]["points"]["fpr"]
+    assert not any(n.startswith("reader_2 ratings") for n in names)  # a 0/1 reader stays a point
+    assert any(n.startswith("reader_2 (sens") for n in names)
