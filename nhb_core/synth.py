@@ -369,7 +369,8 @@ def reader_study(cohort, seed: int = 0, network=None, aid_weight: float = AID_WE
     for arm, latent in arms.items():
         ratings = rate(z if latent is None else latent)
         for j, name in enumerate(names):
-            frames.append(pd.DataFrame({"reader": name, "modality": arm, "case_id": cohort["subject_id"].to_numpy()[keep],
+            frames.append(pd.DataFrame({"reader": name, "modality": arm,
+                                        "case_id": cohort["subject_id"].to_numpy()[keep],
                                         "truth": cohort["label"].to_numpy(dtype=int)[keep],
                                         "rating": ratings[keep, j].astype(int),
                                         "center": cohort["center"].to_numpy()[keep]}))

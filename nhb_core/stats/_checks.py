@@ -136,7 +136,8 @@ def as_reader(p, n: int | None = None, *, source: str | None = None, column: str
                                   "Give one value per case, in the same order as the truth")
         nan = np.isnan(arr)
         if nan.any() and not allow_missing:
-            raise StatsInputError(where, f"column '{column}' has a missing value (case {int(np.flatnonzero(nan)[0]) + 1})",
+            first = int(np.flatnonzero(nan)[0]) + 1
+            raise StatsInputError(where, f"column '{column}' has a missing value (case {first})",
                                   "Give a rating for every case")
         calls = np.where(nan, np.nan, (arr >= RATING_POSITIVE).astype(float))
         return calls, arr

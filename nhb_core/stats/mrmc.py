@@ -412,9 +412,9 @@ def mrmc_arrays(ratings, truth, *, modalities: Sequence[str] | None = None, read
                               "two cases of each class", "Include positive and negative cases")
     mods = [str(x) for x in (modalities if modalities is not None else range(1, t + 1))]
     rdrs = [str(x) for x in (readers if readers is not None else range(1, r + 1))]
-    if len(mods) != t or len(rdrs) != r:
-        raise StatsInputError(where, "the modality / reader labels do not match the ratings' shape",
-                              "Give one label per modality and per reader")
+    if len(mods) != t or len(rdrs) != r or len(set(mods)) != t or len(set(rdrs)) != r:
+        raise StatsInputError(where, "the modality / reader labels do not match the ratings' shape or repeat",
+                              "Give one distinct label per modality and per reader")
 
     V10, V01 = _placements(X, y)
     A = V10.mean(axis=2)  # (t, r) AUCs
@@ -428,7 +428,7 @@ def mrmc_arrays(ratings, truth, *, modalities: Sequence[str] | None = None, read
     cov2 = float(C4[eye_t & ~eye_r].sum() / (t * r * (r - 1)))
     cov3 = float(C4[~eye_t & ~eye_r].sum() / (t * (t - 1) * r * (r - 1)))
 
-    # mean squares (deviations shifted by the first reader: exact zeros for a constant modality)
+    # two-way ANOVA mean squares of the (t, r) AUC table
     mod_mean = A.mean(axis=1)
     rdr_mean = A.mean(axis=0)
     grand = float(A.mean())
@@ -436,7 +436,7 @@ def mrmc_arrays(ratings, truth, *, modalities: Sequence[str] | None = None, read
     ms_r = t * float(((rdr_mean - grand) ** 2).sum()) / (r - 1)
     resid = A - mod_mean[:, None] - rdr_mean[None, :] + grand
     ms_tr = float((resid ** 2).sum()) / ((t - 1) * (r - 1))
-    Ash = A - A[:, :1]
+    Ash = A - A[:, :1]  # shifted by the first reader: MS_i(R) is exactly 0 for a network (constant) modality
     ms_r_i = ((Ash - Ash.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) / (r - 1)  # (t,)
     var_i = var_ij.mean(axis=1)
     offdiag_r = ~np.eye(r, dtype=bool)
