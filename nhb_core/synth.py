@@ -969,6 +969,45 @@ def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
     return {"gp_true": vols["gp_true"], "affine": vols["affine"], **{k: subj[k] for k in _TRUTH_COLUMNS}}
 
 
+def write_reader_study(cohort_dir, network=None, aid_weight: float = AID_WEIGHT, out=None) -> Path:
+    """(Re)write a synthetic cohort's reader study, optionally with an aided arm.
+
+    The readers' draws are regenerated from ``cohort_dir/cohort.json`` (the unaided ratings are the
+    ones :func:`synthesize` wrote); with ``network`` (subject_id -> probability, e.g. a trained
+    network's subject-level predictions) the aided arm is added for the subjects that have a score
+    and both arms are restricted to them (:func:`reader_study`).
+
+    Parameters
+    ----------
+    cohort_dir : a folder written by :func:`synthesize`.
+    network : None or mapping subject_id -> probability in [0, 1].
+    aid_weight : w of the aided arm, in [0, 1].
+    out : destination CSV (default ``cohort_dir/readings.csv``, which the study reads).
+
+    Returns
+    -------
+    pathlib.Path of the written readings CSV (atomic write).
+
+    Examples
+    --------
+    >>> write_reader_study("data/cohort_paper", network={"A001": 0.91, "A002": 0.12})  # doctest: +SKIP
+    """
+    cohort_dir = Path(cohort_dir)
+    meta_path = cohort_dir / "cohort.json"
+    if not meta_path.is_file():
+        raise InputError(meta_path, "is missing", "Point to a folder written by `nhb_core synth`")
+    meta = read_json(meta_path)
+    if meta.get("generator_version") != GENERATOR_VERSION:
+        raise InputError(meta_path, f"was written by generator {meta.get('generator_version')}, "
+                                    f"this is {GENERATOR_VERSION}", "Regenerate the cohort with this version")
+    counts = {c: (v["1"], v["0"]) for c, v in meta["counts"].items()}
+    study = reader_study(draw_cohort(meta["preset"], meta["seed"], counts), meta["seed"], network=network,
+                         aid_weight=aid_weight)
+    dest = Path(out) if out is not None else cohort_dir / "readings.csv"
+    atomic_write_text(dest, study.to_csv(index=False, lineterminator="\n"))
+    return dest
+
+
 def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
     """Write a PNG montage of axial slices through the GP: one row per center, a control and an
     injured neonate, each as the whole slice and as a 64 mm zoom on the basal ganglia.
@@ -1020,4 +1059,5 @@ def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
 
 __all__ = ["synthesize", "draw_cohort", "render_subject", "subject_truth", "render_montage",
            "oracle_probability", "gp_signal", "auc_score", "center_affine", "PRESETS", "SCANNERS",
-           "GENERATOR_VERSION", "reader_study", "reader_study_summary", "STUDY_READERS", "RATING_POSITIVE"]
+           "GENERATOR_VERSION", "reader_study", "reader_study_summary", "write_reader_study", "STUDY_READERS",
+           "RATING_POSITIVE"]

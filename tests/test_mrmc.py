@@ -779,3 +779,35 @@ def test_roc_figure_draws_a_rating_readers_curve():
     assert list(curve[0].x) == blk["readers"]["reader_1"]["roc"]["points"]["fpr"]
     assert not any(n.startswith("reader_2 ratings") for n in names)  # a 0/1 reader stays a point
     assert any(n.startswith("reader_2 (sens") for n in names)
+
+
+def test_synth_readings_cli_adds_an_aided_arm_from_a_run(small_run, small_cohort, tmp_path, capsys):
+    root = Path(small_cohort).parent
+    before = (root / "readings.csv").read_bytes()
+    out = tmp_path / "readings.csv"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        main(["synth-readings", "--cohort", str(root), "--run", str(small_run), "--out", str(out)])
+    res = capsys.readouterr()
+    assert ex.value.code == 0, res.err
+    assert "aided arm leans towards" in res.out
+    rs = pd.read_csv(out, dtype={"case_id": str})
+    preds = pd.concat([pd.read_csv(f, dtype={"subject_id": str})
+                       for f in (small_run / "predictions").glob("*__subjects.csv")])
+    assert set(rs["case_id"]) == set(preds["subject_id"]) and set(rs["modality"]) == {"aided", "unaided"}
+    orig = pd.read_csv(root / "readings.csv", dtype={"case_id": str})
+    un = rs[rs["modality"] == "unaided"].merge(orig, on=["reader", "modality", "case_id"], suffixes=("", "_o"))
+    assert len(un) == len(rs) // 2 and (un["rating"] == un["rating_o"]).all()  # the same unaided draws
+    assert (root / "readings.csv").read_bytes() == before  # --out: the cohort's own file untouched
+    code, js, err = _cli(capsys, "--readings", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(js)["RRRC"]["diff"]["comparison"] == "aided - unaided"
+    # bad options: one line, exit 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        main(["synth-readings", "--cohort", str(root), "--run", str(small_run), "--model", "nope",
+              "--out", str(out)])
+    assert ex.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as ex:
+        main(["synth-readings", "--cohort", str(tmp_path), "--out", str(out)])
+    assert ex.value.code == 2 and "cohort.json" in capsys.readouterr().err
