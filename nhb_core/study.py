@@ -399,6 +399,9 @@ class _Study:
 
         # stats ------------------------------------------------------------------
         stcfg = dict(cfg["stats"])
+        readings = Path(self.manifest).parent / "readings.csv"  # a reader study next to the manifest: MRMC
+        if readings.is_file():  # in the stats fingerprint only: new readings redo the stats stage
+            stcfg["readings_sha256"] = _sha_or_none(readings)
         metrics_path = rd / "metrics.json"
 
         def do_stats() -> None:
@@ -406,9 +409,7 @@ class _Study:
                                 {"manifest": man_sha, "dataset": ds_sha, "split": split_sha,
                                  "models": model_shas, "predictions": pred_sha})
 
-        readings = Path(self.manifest).parent / "readings.csv"  # a reader study next to the manifest: MRMC
-        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]
-                                                 + ([_sha_or_none(readings)] if readings.is_file() else [])),
+        self.stage("stats", "stats", sha256_json([pred_sha, split_sha, model_shas, stcfg, cfg["seed"]]),
                    lambda: _sha_many([metrics_path, rd / "tables"]), do_stats)
         metrics_sha = self.cache.get("stats")["output_sha256"]
 
