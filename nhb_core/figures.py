@@ -219,6 +219,35 @@ def delong_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subje
     return fig
 
 
+def mrmc_figure(metrics: Mapping[str, Any], set_name: str) -> go.Figure:
+    """Forest plot of the set's reader study (``sets[<set>]["mrmc"]``): per comparison the AUC
+    difference (first minus second) with its 95% CI for random readers and cases (Hillis df), and a
+    line at 0. An empty figure with a note when the set has no reader study."""
+    blk = (((metrics or {}).get("sets") or {}).get(set_name) or {}).get("mrmc") or {}
+    title = f"Reader study (MRMC), {set_label(set_name)}: AUC difference, random readers and cases"
+    comps = blk.get("comparisons") or {}
+    if not comps:
+        return _empty(title, "; ".join(blk.get("notes") or []) or "no reader study for this set")
+    names = list(comps)
+    est, lo, hi, hover = [], [], [], []
+    for n in names:
+        d = comps[n]["RRRC"]["diff"]
+        est.append(d["estimate"])
+        lo.append(d["ci_lower"])
+        hi.append(d["ci_upper"])
+        p = d.get("p")
+        hover.append(f"{n}<br>diff {d['estimate']:.3f} [{d['ci_lower']:.3f}, {d['ci_upper']:.3f}]"
+                     + (f"<br>p {p:.4f}" if isinstance(p, (int, float)) else ""))
+    est, lo, hi = (np.asarray(v, float) for v in (est, lo, hi))
+    fig = go.Figure(go.Scatter(x=est, y=names, mode="markers", marker=dict(size=10, color="#12355b"),
+                               error_x=dict(type="data", symmetric=False, array=hi - est, arrayminus=est - lo),
+                               hovertext=hover, hoverinfo="text", showlegend=False))
+    fig.add_vline(x=0, line=dict(color="#888888", dash="dash"))
+    fig.update_layout(title=title, height=160 + 40 * len(names), xaxis=dict(title="AUC difference (95% CI)"),
+                      yaxis=dict(autorange="reversed"), **LAYOUT)
+    return fig
+
+
 def confusion_counts(y: Sequence[int], prob: Sequence[float], threshold: float) -> np.ndarray:
     """2x2 counts ``[[TN, FP], [FN, TP]]`` (rows truth 0/1, columns predicted 0/1); predicted 1 when prob >= threshold."""
     y = np.asarray(y).astype(int)

@@ -120,6 +120,7 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
                    "Difference = first minus second, CI and p for random readers and cases; FRRC / RRFC p: "
                    "these readers / these cases only.")
         if not mr_comp.empty:
+            st.plotly_chart(figures.mrmc_figure(m, set_pick), key=f"{kp}mrmc", width="stretch")
             ui.show_table(mr_comp.drop(columns=["a", "b"]),
                           column_config={c: st.column_config.NumberColumn(c, format="%.4f")
                                          for c in mr_comp.columns if mr_comp[c].dtype.kind == "f"})

@@ -702,8 +702,18 @@ def test_study_run_writes_mrmc_into_metrics_report_and_page_tables(small_run, sm
     assert blk is m["sets"][s]["mrmc"] and len(comp) == len(blk["comparisons"])
     assert set(aucs["reader"]) == {"R1", "R2", "R3", "R4", "R5", "(network)"}
     assert comp["p"].between(0, 1).all()
+    from nhb_core import figures
+
+    fig = figures.mrmc_figure(m, s)
+    assert list(fig.data[0].y) == list(blk["comparisons"])
+    d0 = blk["comparisons"][list(blk["comparisons"])[0]]["RRRC"]["diff"]
+    assert fig.data[0].x[0] == pytest.approx(d0["estimate"])
+    assert fig.data[0].error_x.array[0] == pytest.approx(d0["ci_upper"] - d0["estimate"])
+    empty = figures.mrmc_figure(m, "val")  # no reader study on the validation set
+    assert not empty.data and "no reader study" in empty.layout.annotations[0].text
     html = render_report(small_run)
     assert "Reader study: networks versus readers (MRMC)" in html
+    assert "Reader study (MRMC)" in html  # the forest plot's title
 
 
 def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
@@ -730,6 +740,7 @@ def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
     at.selectbox(key="a_set").select(s).run()
     assert not at.exception and not at.error, [e.value for e in at.exception]
     assert any("Reader study: networks vs readers" in x.value for x in at.markdown)
+    assert any("Reader study (MRMC)" in str(c.proto.spec) for c in at.get("plotly_chart"))
     frames = [d.value for d in at.dataframe]
     comp = next(f for f in frames if "comparison" in f.columns)
     assert set(comp["comparison"]) == set(m["sets"][s]["mrmc"]["comparisons"])
