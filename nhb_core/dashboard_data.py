@@ -479,11 +479,37 @@ def reader_table(metrics: dict, set_name: str, level: str = "subject") -> pd.Dat
                 v = v.get("value")
             if v is not None:
                 row[k] = v
+        if rr.get("auc") is not None:  # a reader with 1-5 ratings has an AUC
+            row["auc"] = rr["auc"]
         for m, vs in (rr.get("vs") or {}).items():
             if isinstance(vs, dict) and vs.get("mcnemar_p") is not None:
                 row[f"McNemar p vs {m}"] = vs["mcnemar_p"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mrmc_tables(metrics: dict, set_name: str) -> tuple[Optional[dict], pd.DataFrame, pd.DataFrame]:
+    """The set's reader study (``sets[<set>]["mrmc"]``, docs/stats.md): the block (None without a
+    study), one row per comparison (``nhb_core.stats.mrmc.study_mrmc_table``), and the reader AUCs
+    (one row per reader, one column per reader arm, plus each network's AUC)."""
+    from nhb_core.stats.mrmc import study_mrmc_table
+
+    blk = (((metrics or {}).get("sets") or {}).get(set_name) or {}).get("mrmc")
+    if not blk:
+        return None, pd.DataFrame(), pd.DataFrame()
+    comp = study_mrmc_table(blk)
+    aucs: dict[str, dict[str, float]] = {}
+    for res in (blk.get("comparisons") or {}).values():
+        for key, v in (res.get("reader_auc") or {}).items():
+            arm, reader = key.split("|", 1)
+            if arm in (blk.get("arms") or []):
+                aucs.setdefault(reader, {"reader": reader})[arm] = v
+    for m in blk.get("models") or []:
+        for res in (blk.get("comparisons") or {}).values():
+            if m in (res.get("modality_auc") or {}):
+                aucs.setdefault("(network)", {"reader": "(network)"})[m] = res["modality_auc"][m]
+                break
+    return blk, comp, pd.DataFrame(list(aucs.values()))
 
 
 def model_threshold(run_dir: str | os.PathLike, model: str, metrics: Optional[dict] = None) -> float:

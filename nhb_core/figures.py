@@ -181,9 +181,15 @@ def roc_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject"
             se, sp = _value(r.get("sensitivity")), _value(r.get("specificity"))
             if se is None or sp is None:
                 continue
+            pts = (r.get("roc") or {}).get("points") or {}
+            if pts.get("fpr") and r.get("auc") is not None:  # a reader with 1-5 ratings: its empirical ROC
+                fig.add_trace(go.Scatter(x=pts["fpr"], y=pts["tpr"], mode="lines",
+                                         line=dict(color="#111111", width=1, dash="dash"), legendgroup=rname,
+                                         name=f"{rname} ratings, AUC {r['auc']:.3f}",
+                                         hovertemplate="1-spec %{x:.3f}<br>sens %{y:.3f}<extra>" + rname + "</extra>"))
             fig.add_trace(go.Scatter(x=[1 - sp], y=[se], mode="markers",
                                      marker=dict(color="#111111", size=11, symbol=READER_SYMBOLS[i % len(READER_SYMBOLS)]),
-                                     name=f"{rname} (sens {se:.2f}, spec {sp:.2f})",
+                                     name=f"{rname} (sens {se:.2f}, spec {sp:.2f})", legendgroup=rname,
                                      hovertemplate="1-spec %{x:.3f}<br>sens %{y:.3f}<extra>" + rname + "</extra>"))
     oracle = oracle_for_set(metrics, set_name) if show_oracle else None
     if oracle is not None:
@@ -224,6 +230,35 @@ def delong_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subje
                                texttemplate="%{text}", zmin=0, zmax=1, colorscale="Blues_r",
                                colorbar=dict(title="p"), hovertemplate="%{y} vs %{x}: p=%{z:.4f}<extra></extra>"))
     fig.update_layout(title=title, height=320, yaxis=dict(autorange="reversed"), **LAYOUT)
+    return fig
+
+
+def mrmc_figure(metrics: Mapping[str, Any], set_name: str) -> go.Figure:
+    """Forest plot of the set's reader study (``sets[<set>]["mrmc"]``): per comparison the AUC
+    difference (first minus second) with its 95% CI for random readers and cases (Hillis df), and a
+    line at 0. An empty figure with a note when the set has no reader study."""
+    blk = (((metrics or {}).get("sets") or {}).get(set_name) or {}).get("mrmc") or {}
+    title = f"Reader study (MRMC), {set_label(set_name)}: AUC difference, random readers and cases"
+    comps = blk.get("comparisons") or {}
+    if not comps:
+        return _empty(title, "; ".join(blk.get("notes") or []) or "no reader study for this set")
+    names = list(comps)
+    est, lo, hi, hover = [], [], [], []
+    for n in names:
+        d = comps[n]["RRRC"]["diff"]
+        est.append(d["estimate"])
+        lo.append(d["ci_lower"])
+        hi.append(d["ci_upper"])
+        p = d.get("p")
+        hover.append(f"{n}<br>diff {d['estimate']:.3f} [{d['ci_lower']:.3f}, {d['ci_upper']:.3f}]"
+                     + (f"<br>p {p:.4f}" if isinstance(p, (int, float)) else ""))
+    est, lo, hi = (np.asarray(v, float) for v in (est, lo, hi))
+    fig = go.Figure(go.Scatter(x=est, y=names, mode="markers", marker=dict(size=10, color="#12355b"),
+                               error_x=dict(type="data", symmetric=False, array=hi - est, arrayminus=est - lo),
+                               hovertext=hover, hoverinfo="text", showlegend=False))
+    fig.add_vline(x=0, line=dict(color="#888888", dash="dash"))
+    fig.update_layout(title=title, height=160 + 40 * len(names), xaxis=dict(title="AUC difference (95% CI)"),
+                      yaxis=dict(autorange="reversed"), **LAYOUT)
     return fig
 
 

@@ -56,7 +56,7 @@ class Manifest:
         One row per subject, in file order: ``subject_id`` (str), ``center`` (str),
         ``t1`` / ``roi`` (the paths as written), ``t1_path`` / ``roi_path``
         (absolute str), ``label`` (int 0/1), ``nbna`` (float, NaN when absent),
-        ``reader_*`` (float 0.0/1.0 or NaN), the covariates present (``sex`` str,
+        ``reader_*`` (float 0.0/1.0, or 1.0..5.0 for a 1-5 rating column, or NaN), the covariates present (``sex`` str,
         numeric ones float, NaN when empty), every extra column as written (str),
         and ``manifest_row`` (the line number in the file).
     path : Path
@@ -80,6 +80,12 @@ class Manifest:
     covariates: list[str] = field(default_factory=list)
     extra_columns: list[str] = field(default_factory=list)
     nbna_threshold: float = DEFAULT_NBNA_THRESHOLD
+
+    @property
+    def reader_scales(self) -> dict[str, str]:
+        """Per reader column: ``"rating"`` (1-5 confidence ratings: some value above 1) or ``"binary"``
+        (0/1 reads). A rating >= 3 (``nhb_core.stats._checks.RATING_POSITIVE``) is a positive call."""
+        return {r: ("rating" if (self.df[r] >= 2).any() else "binary") for r in self.readers}
 
     @property
     def subject_ids(self) -> list[str]:
@@ -392,9 +398,13 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
                 rec[r] = float("nan")
             else:
                 b = _binary(v)
-                if b is None:
-                    col.add(f"{r} '{v}' is not 0 or 1", "Write 1 (injury seen), 0 (not seen), or leave it empty (not read)",
-                            row=row, column=r)
+                x = _num(v)
+                if b is None and x in (2.0, 3.0, 4.0, 5.0):  # a 1-5 confidence rating (checked per column below)
+                    rec[r] = float(x)
+                elif b is None:
+                    col.add(f"{r} '{v}' is not 0 or 1 (or a 1-5 rating)",
+                            "Write 1 (injury seen), 0 (not seen), a 1-5 confidence rating (1 definitely no injury .. "
+                            "5 definitely injury), or leave it empty (not read)", row=row, column=r)
                     rec[r] = float("nan")
                 else:
                     rec[r] = float(b)
@@ -419,6 +429,12 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
             rec["sex"] = float("nan")
         rec["manifest_row"] = row
         out.append(rec)
+    for r in readers:  # one scale per reader column: 0/1 reads, or 1-5 ratings (then a 1 is "definitely no")
+        zero = next((rec["manifest_row"] for rec in out if rec.get(r) == 0.0), None)
+        high = next(((rec["manifest_row"], rec[r]) for rec in out if rec.get(r) in (2.0, 3.0, 4.0, 5.0)), None)
+        if zero is not None and high is not None:
+            col.add(f"{r} mixes 0/1 reads with 1-5 ratings ({high[1]:g} here, 0 on row {zero})",
+                    "Use one scale per reader column: 0/1 reads, or 1-5 confidence ratings", row=high[0], column=r)
     if "tsb_umol_l" in covs:
         tsb = np.array([r["tsb_umol_l"] for r in out if isinstance(r.get("tsb_umol_l"), float)], dtype=float)
         tsb = tsb[np.isfinite(tsb)]
@@ -604,8 +620,8 @@ def cohort_summary(manifest: Manifest) -> dict[str, pd.DataFrame]:
         ``centers``: DataFrame, index ``center``, columns ``0`` (controls) and ``1``
         (injury) with subject counts;
         ``readers``: DataFrame, one row per reader column: ``reader``, ``n_read``,
-        ``n_positive``, ``sensitivity``, ``specificity`` (against ``label``; NaN
-        when undefined);
+        ``n_positive``, ``sensitivity``, ``specificity`` (against ``label``; NaN when undefined; a
+        1-5 rating column's call is rating >= 3), ``scale`` ("binary" or "rating");
         ``covariates``: DataFrame, one row per covariate: ``covariate``, ``n``
         (non-missing), ``all``, ``controls``, ``injury`` (mean ± sd for numeric
         covariates, counts ``F:10 M:12`` for ``sex``).
@@ -616,14 +632,18 @@ def cohort_summary(manifest: Manifest) -> dict[str, pd.DataFrame]:
     centers.index.name = "center"
     centers.columns.name = "label"
     rrows = []
+    scales = manifest.reader_scales
     for r in manifest.readers:
         read = df[df[r].notna()]
-        pos = read[read["label"] == 1]
-        neg = read[read["label"] == 0]
-        rrows.append({"reader": r, "n_read": int(len(read)), "n_positive": int((read[r] == 1).sum()),
-                      "sensitivity": float((pos[r] == 1).mean()) if len(pos) else float("nan"),
-                      "specificity": float((neg[r] == 0).mean()) if len(neg) else float("nan")})
-    readers = pd.DataFrame(rrows, columns=["reader", "n_read", "n_positive", "sensitivity", "specificity"])
+        vals = read[r].to_numpy(dtype=float)
+        call = vals >= 3 if scales[r] == "rating" else vals == 1  # a rating >= 3 is a positive call
+        pos = (read["label"] == 1).fillna(False).to_numpy(dtype=bool)
+        neg = (read["label"] == 0).fillna(False).to_numpy(dtype=bool)
+        rrows.append({"reader": r, "n_read": int(len(read)), "n_positive": int(call.sum()),
+                      "sensitivity": float(call[pos].mean()) if pos.any() else float("nan"),
+                      "specificity": float((~call[neg]).mean()) if neg.any() else float("nan"),
+                      "scale": scales[r]})
+    readers = pd.DataFrame(rrows, columns=["reader", "n_read", "n_positive", "sensitivity", "specificity", "scale"])
     crows = []
     for c in manifest.covariates:
         s = df[c]

@@ -181,6 +181,8 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     per_set = []
     for s in sets:
         entry: dict[str, Any] = {"name": s, "label": F.set_label(s), "levels": {}}
+        entry["mrmc"] = ((metrics.get("sets") or {}).get(s) or {}).get("mrmc")  # reader study (MRMC), if any
+        entry["fig_mrmc"] = figs.html(F.mrmc_figure(metrics, s)) if (entry["mrmc"] or {}).get("comparisons") else None
         for level in ("subject", "slice"):
             blk = F.level_block(metrics, s, level)
             if not blk:
@@ -342,6 +344,23 @@ TEMPLATE = r"""<!DOCTYPE html>
 </tbody></table>{% endif %}
 {% endif %}{% endfor %}
 </section>
+
+{% if per_set | selectattr("mrmc") | list %}
+<section id="mrmc">
+<h2>Reader study: networks versus readers (MRMC)</h2>
+<p class="note">Obuchowski-Rockette analysis with Hillis degrees of freedom: readers and cases are random samples (RRRC); a network is a modality whose rating (its subject-level probability) is the same for every reader. Difference = first minus second; p for fixed readers (FRRC) and fixed cases (RRFC) for information. Empirical AUC; error covariance by the method named.</p>
+{% for e in per_set %}{% if e.mrmc %}{% set mr = e.mrmc %}
+<h3>{{ e.label }} ({{ mr.n_cases }} subjects read, {{ mr.n_pos }} positive; readers: {{ mr.readers | join(", ") }}; covariance: {{ mr.cov_method }})</h3>
+{% if e.fig_mrmc %}{{ e.fig_mrmc | safe }}{% endif %}
+{% if mr.comparisons %}<table><thead><tr><th>comparison</th><th>AUC first</th><th>AUC second (reader mean)</th><th>difference [95% CI]</th><th>F (1, ddf)</th><th>p (RRRC)</th><th>p (FRRC)</th><th>p (RRFC)</th></tr></thead><tbody>
+{% for name, res in mr.comparisons.items() %}{% set a = res.modalities[0] %}{% set b = res.modalities[1] %}<tr><td>{{ name }}</td><td class="num">{{ fmt(res.modality_auc[a]) }}</td><td class="num">{{ fmt(res.modality_auc[b]) }}</td>
+<td class="num">{{ fmt_ci(res.RRRC.diff.estimate, [res.RRRC.diff.ci_lower, res.RRRC.diff.ci_upper]) }}</td><td class="num">{{ fmt(res.RRRC.F, 2) }} (1, {{ fmt(res.RRRC.df2, 1) }})</td>
+<td class="num">{{ fmt_p(res.RRRC.p) }}</td><td class="num">{{ fmt_p(res.FRRC.p) }}</td><td class="num">{{ fmt_p(res.RRFC.p) }}</td></tr>{% endfor %}
+</tbody></table>{% endif %}
+{% for n in mr.notes %}<p class="note">{{ n }}</p>{% endfor %}
+{% endif %}{% endfor %}
+</section>
+{% endif %}
 
 <section id="confusion">
 <h2>Confusion matrices</h2>

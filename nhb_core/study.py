@@ -436,6 +436,9 @@ class _Study:
 
         # stats ------------------------------------------------------------------
         stcfg = dict(cfg["stats"])
+        readings = Path(self.manifest).parent / "readings.csv"  # a reader study next to the manifest: MRMC
+        if readings.is_file():  # in the stats fingerprint only: new readings redo the stats stage
+            stcfg["readings_sha256"] = _sha_or_none(readings)
         metrics_path = rd / "metrics.json"
 
         def do_stats() -> None:
@@ -561,6 +564,12 @@ class _Study:
         emit(self.progress, "stats", message="computing AUCs, CIs and tests")
         sets = stats.study_metrics(pred_dir, thresholds, readers, **_stats_kwargs(stats.study_metrics, scfg,
                                                                                    self.cfg["seed"]))
+        readings = Path(self.manifest).parent / "readings.csv"
+        if readings.is_file():  # networks vs readers, MRMC (docs/stats.md): sets[<set>]["mrmc"]
+            emit(self.progress, "stats", message="MRMC reader study")
+            for set_name, blk in stats.mrmc.study_mrmc(pred_dir, readings, list(self.cfg["models"])).items():
+                if set_name in sets:
+                    sets[set_name]["mrmc"] = blk
         metrics = {
             "run": {
                 "name": self.cfg.get("name") or rd.name,

@@ -64,6 +64,19 @@ GP_BIO_SD = 0.022  # biological subject-to-subject variation of the normal GP si
 # readers: read = 1 if visible + shared + own noise > threshold  (units: fraction of fat signal)
 READER_SHARED_SD = 0.020
 READERS = {"reader_1": {"threshold": 0.100, "sd": 0.030}, "reader_2": {"threshold": 0.097, "sd": 0.035}}
+# the simulated reader study (readings.csv): five radiologists giving 1-5 confidence ratings from the same
+# ``visible`` signal, each with own noise (sd) and criteria (4 cuts: rating = 1 + number of cuts below);
+# a rating >= RATING_POSITIVE is a positive call (cut 2 sits near the binary readers' threshold)
+STUDY_READERS = {
+    "R1": {"sd": 0.030, "cuts": (0.065, 0.100, 0.125, 0.160)},
+    "R2": {"sd": 0.035, "cuts": (0.060, 0.097, 0.120, 0.155)},
+    "R3": {"sd": 0.028, "cuts": (0.075, 0.110, 0.135, 0.170)},  # strict
+    "R4": {"sd": 0.040, "cuts": (0.050, 0.088, 0.110, 0.145)},  # lenient, noisier
+    "R5": {"sd": 0.032, "cuts": (0.055, 0.095, 0.125, 0.165)},
+}
+RATING_POSITIVE = 3  # = nhb_core.stats._checks.RATING_POSITIVE (not imported: synth stays light)
+REREAD_SD = 0.012  # within-reader noise of a second (aided) read of the same case
+AID_WEIGHT = 0.5  # aided arm: latent = (1 - w) (own read) + w (network score on the reader's scale)
 
 
 @dataclass(frozen=True)
@@ -277,6 +290,106 @@ def draw_cohort(preset: str = "paper", seed: int = 0, n=None):
             d = _draw_subject(rng, center, int(lab))
             rows.append({"subject_id": f"{center}{i + 1:03d}", "center": center, "index": i, **d})
     return pd.DataFrame(rows)
+
+
+def _study_stream(seed: int, center: str, index: int) -> np.random.Generator:
+    """The reader study's own stream of one subject (apart from every other draw: adding the study
+    shifts nothing else)."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(300 + CENTERS.index(center), int(index))))
+
+
+def reader_study(cohort, seed: int = 0, network=None, aid_weight: float = AID_WEIGHT,
+                 readers: Optional[dict] = None):
+    """Simulated MRMC reader study: every reader rates every subject on a 1-5 confidence scale.
+
+    Reader j's latent read of subject k is ``z = visible_k + N(0, sd_j)`` (``visible`` is the GP
+    excess the images show, shared by all readers: that makes the readers' ratings correlated), and
+    the rating is ``1 + #(cuts_j < z)`` (own criteria). With ``network``, an aided arm is added: the
+    reader re-reads (``z + N(0, REREAD_SD)``) and leans towards the network's probability ``p`` put
+    on the reader's scale, ``latent = (1 - w) z' + w g_j(p)``, ``g_j(p) = c2 + 2 (p - 0.5) (c4 - c1)``
+    with ``c1..c4`` the reader's cuts (p = 0.5 lands at the reader's equivocal cut 2, p = 1 above
+    the top cut). Draws come from the subject's own reader-study stream
+    (``SeedSequence(seed, spawn_key=(300 + center, index))``): the other draws of the cohort are not
+    shifted, and the unaided ratings are the same with or without the aided arm.
+
+    Parameters
+    ----------
+    cohort : pandas.DataFrame from :func:`draw_cohort` (``subject_id, center, index, label, visible``).
+    seed : the cohort's seed.
+    network : None, or a mapping subject_id -> probability in [0, 1] (a network's subject-level
+        score); subjects without a score are left out of both arms (a fully crossed design).
+    aid_weight : w in [0, 1].
+    readers : {name: {"sd", "cuts" (4 ascending)}} (default :data:`STUDY_READERS`).
+
+    Returns
+    -------
+    pandas.DataFrame in the long format of ``python -m nhb_core mrmc``: ``reader, modality
+    ("unaided" / "aided"), case_id (= subject_id), truth (= label), rating (int 1-5), center``,
+    ordered by modality, reader, subject.
+
+    Examples
+    --------
+    >>> df = reader_study(draw_cohort("small", seed=0), seed=0)
+    >>> sorted(df["reader"].unique()), df["rating"].between(1, 5).all().item()
+    (['R1', 'R2', 'R3', 'R4', 'R5'], True)
+    """
+    import pandas as pd
+
+    readers = STUDY_READERS if readers is None else readers
+    if not 0.0 <= float(aid_weight) <= 1.0:
+        raise ConfigError("aid_weight", f"aid weight {aid_weight} is not in [0, 1]", "Give a weight between 0 and 1")
+    names = list(readers)
+    sd = np.array([readers[r]["sd"] for r in names], dtype=float)
+    cuts = np.array([readers[r]["cuts"] for r in names], dtype=float)  # (R, 4)
+    noise = np.empty((len(cohort), len(names)))
+    reread = np.empty_like(noise)
+    for k, (c, i) in enumerate(zip(cohort["center"], cohort["index"])):
+        rng = _study_stream(seed, c, int(i))
+        noise[k] = rng.normal(0.0, 1.0, len(names))
+        reread[k] = rng.normal(0.0, 1.0, len(names))
+    z = cohort["visible"].to_numpy(dtype=float)[:, None] + noise * sd[None, :]  # (n, R)
+
+    def rate(latent):
+        return 1 + (latent[:, :, None] > cuts[None, :, :]).sum(axis=2)
+
+    keep = np.ones(len(cohort), dtype=bool)
+    arms = {"unaided": None}
+    if network is not None:
+        p = np.array([float(network.get(sid, np.nan)) for sid in cohort["subject_id"]])
+        keep = np.isfinite(p)
+        if not keep.any():
+            raise InputError("network", "no subject of the cohort has a network score",
+                             "Give probabilities keyed by subject_id")
+        if ((p[keep] < 0) | (p[keep] > 1)).any():
+            raise InputError("network", "network scores must be probabilities in [0, 1]",
+                             "Give the network's subject-level probabilities")
+        g = cuts[None, :, 1] + 2.0 * (np.nan_to_num(p)[:, None] - 0.5) * (cuts[None, :, 3] - cuts[None, :, 0])
+        arms["aided"] = (1 - aid_weight) * (z + reread * REREAD_SD) + aid_weight * g
+    frames = []
+    for arm, latent in arms.items():
+        ratings = rate(z if latent is None else latent)
+        for j, name in enumerate(names):
+            frames.append(pd.DataFrame({"reader": name, "modality": arm,
+                                        "case_id": cohort["subject_id"].to_numpy()[keep],
+                                        "truth": cohort["label"].to_numpy(dtype=int)[keep],
+                                        "rating": ratings[keep, j].astype(int),
+                                        "center": cohort["center"].to_numpy()[keep]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def reader_study_summary(readings) -> dict:
+    """Per reader and arm: ``auc`` (empirical, of the 1-5 ratings), ``sensitivity`` and
+    ``specificity`` of the call ``rating >= RATING_POSITIVE``; NaN where a class is absent."""
+    out = {}
+    for (arm, r), g in readings.groupby(["modality", "reader"], sort=True):
+        y, x = g["truth"].to_numpy(), g["rating"].to_numpy(dtype=float)
+        pos = x >= RATING_POSITIVE
+        both = (y == 1).any() and (y == 0).any()
+        out.setdefault(arm, {})[r] = {
+            "auc": auc_score(y, x) if both else None,
+            "sensitivity": float(pos[y == 1].mean()) if (y == 1).any() else None,
+            "specificity": float(1 - pos[y == 0].mean()) if (y == 0).any() else None}
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -713,7 +826,7 @@ def _default_workers() -> int:
 
 def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
                progress: Optional[ProgressCallback] = None, workers: Optional[int] = None,
-               write_truth: bool = False) -> Path:
+               write_truth: bool = False, readings: bool = True) -> Path:
     """Write a synthetic two-center neonatal T1WI cohort and return its manifest path.
 
     Parameters
@@ -729,6 +842,9 @@ def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
     workers : processes (default min(2, CPUs)); results do not depend on it.
     write_truth : also write the true GP masks to ``out_dir/truth/<id>_gp_true.nii.gz``
         (for debugging and teaching; never referenced by the manifest).
+    readings : also write the simulated reader study ``readings.csv`` (:func:`reader_study`: five
+        readers, 1-5 ratings of every subject, unaided arm; its own random streams, so nothing
+        else in the cohort depends on it).
 
     Writes
     ------
@@ -820,6 +936,12 @@ def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
                     for c in counts},
         "files": {"manifest": "manifest.csv", "truth": "truth.csv", "images": "images/"},
     }
+    if readings:
+        study = reader_study(df, seed)
+        meta["reader_study"] = {"file": "readings.csv", "readers": {r: dict(v, cuts=list(v["cuts"]))
+                                                                    for r, v in STUDY_READERS.items()},
+                                "positive_rating": RATING_POSITIVE, "summary": reader_study_summary(study)}
+        atomic_write_text(out_dir / "readings.csv", study.to_csv(index=False, lineterminator="\n"))
     atomic_write_text(out_dir / "truth.csv", truth.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     atomic_write_json(out_dir / "cohort.json", meta)
     man_path = out_dir / "manifest.csv"
@@ -851,6 +973,45 @@ def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
     subj = row.iloc[0].to_dict()
     vols = render_subject(subj, seed=meta["seed"])
     return {"gp_true": vols["gp_true"], "affine": vols["affine"], **{k: subj[k] for k in _TRUTH_COLUMNS}}
+
+
+def write_reader_study(cohort_dir, network=None, aid_weight: float = AID_WEIGHT, out=None) -> Path:
+    """(Re)write a synthetic cohort's reader study, optionally with an aided arm.
+
+    The readers' draws are regenerated from ``cohort_dir/cohort.json`` (the unaided ratings are the
+    ones :func:`synthesize` wrote); with ``network`` (subject_id -> probability, e.g. a trained
+    network's subject-level predictions) the aided arm is added for the subjects that have a score
+    and both arms are restricted to them (:func:`reader_study`).
+
+    Parameters
+    ----------
+    cohort_dir : a folder written by :func:`synthesize`.
+    network : None or mapping subject_id -> probability in [0, 1].
+    aid_weight : w of the aided arm, in [0, 1].
+    out : destination CSV (default ``cohort_dir/readings.csv``, which the study reads).
+
+    Returns
+    -------
+    pathlib.Path of the written readings CSV (atomic write).
+
+    Examples
+    --------
+    >>> write_reader_study("data/cohort_paper", network={"A001": 0.91, "A002": 0.12})  # doctest: +SKIP
+    """
+    cohort_dir = Path(cohort_dir)
+    meta_path = cohort_dir / "cohort.json"
+    if not meta_path.is_file():
+        raise InputError(meta_path, "is missing", "Point to a folder written by `nhb_core synth`")
+    meta = read_json(meta_path)
+    if meta.get("generator_version") != GENERATOR_VERSION:
+        raise InputError(meta_path, f"was written by generator {meta.get('generator_version')}, "
+                                    f"this is {GENERATOR_VERSION}", "Regenerate the cohort with this version")
+    counts = {c: (v["1"], v["0"]) for c, v in meta["counts"].items()}
+    study = reader_study(draw_cohort(meta["preset"], meta["seed"], counts), meta["seed"], network=network,
+                         aid_weight=aid_weight)
+    dest = Path(out) if out is not None else cohort_dir / "readings.csv"
+    atomic_write_text(dest, study.to_csv(index=False, lineterminator="\n"))
+    return dest
 
 
 def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
@@ -904,4 +1065,5 @@ def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
 
 __all__ = ["synthesize", "draw_cohort", "render_subject", "subject_truth", "render_montage",
            "oracle_probability", "gp_signal", "auc_score", "center_affine", "PRESETS", "SCANNERS",
-           "GENERATOR_VERSION"]
+           "GENERATOR_VERSION", "reader_study", "reader_study_summary", "write_reader_study", "STUDY_READERS",
+           "RATING_POSITIVE"]

@@ -115,6 +115,24 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
         ui.show_table(rt, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
                                          for c in rt.columns if c != "reader"})
 
+    mr, mr_comp, mr_auc = dd.mrmc_tables(m, set_pick)
+    if mr:  # a reader study next to the manifest (readings.csv): networks vs readers, MRMC
+        st.markdown("#### Reader study: networks vs readers (MRMC, Obuchowski-Rockette, Hillis df)")
+        st.caption(f"{mr.get('n_cases')} subjects read by {len(mr.get('readers') or [])} readers "
+                   f"({mr.get('n_pos')} positive); covariance: {ui.md_escape(mr.get('cov_method'))}. "
+                   "Difference = first minus second, CI and p for random readers and cases; FRRC / RRFC p: "
+                   "these readers / these cases only.")
+        if not mr_comp.empty:
+            st.plotly_chart(figures.mrmc_figure(m, set_pick), key=f"{kp}mrmc", width="stretch")
+            ui.show_table(mr_comp.drop(columns=["a", "b"]),
+                          column_config={c: st.column_config.NumberColumn(c, format="%.4f")
+                                         for c in mr_comp.columns if mr_comp[c].dtype.kind == "f"})
+        if not mr_auc.empty:
+            ui.show_table(mr_auc, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
+                                                 for c in mr_auc.columns if c != "reader"})
+        for note in mr.get("notes") or []:
+            st.caption(ui.md_escape(note))
+
     pkey = dd.file_key(dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices"))
     if pkey[2] >= 0:
         conf, cal, dca = pred_figs(mkey, pkey, set_pick, level)

@@ -164,7 +164,7 @@ def test_byte_identical_and_independent_of_workers(tmp_path):
     b = synth.synthesize(tmp_path / "b", preset="small", seed=3, n=n, workers=2)
     files_a = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b.parent) for p in b.parent.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 3 + 2 * 4
+    assert files_a == files_b and len(files_a) == 4 + 2 * 4  # manifest, truth, cohort.json, readings.csv
     for rel in files_a:
         assert sha256_file(a.parent / rel) == sha256_file(b.parent / rel), rel
     c = synth.synthesize(tmp_path / "c", preset="small", seed=4, n=n, workers=1)

@@ -141,6 +141,10 @@ def _print_tables(res: dict) -> None:
                           _p(v["mcnemar_p"]), _p(v["mcnemar_p_sensitivity"]), _p(v["mcnemar_p_specificity"]),
                           _p(v["precision_p"]))
         con.print(t)
+        for r, e in res["readers"].items():
+            if e.get("scale") == "rating":
+                con.print(f"Reader {r} (1-5 ratings; a call is rating >= {e['positive_rating']}): AUC "
+                          f"{_fmt(e['auc'])} {_ci(e['auc_ci_delong'])} (DeLong)", markup=False)
         if res.get("reader_agreement"):
             for pr in res["reader_agreement"]["pairs"]:
                 con.print(f"Cohen's kappa {pr['a']} vs {pr['b']}: {_fmt(pr['kappa'])} {_ci(pr['ci'])} (n = {pr['n']})")

@@ -18,7 +18,7 @@ from nhb_core.stats._roc import roc_curve
 
 __all__ = ["wilson_ci", "clopper_pearson_ci", "proportion", "confusion", "threshold_metrics", "youden_threshold",
            "mcnemar_exact", "mcnemar_table", "compare_to_reader", "precision_paired", "cohens_kappa",
-           "reader_consensus", "METRICS"]
+           "fleiss_kappa", "reader_consensus", "METRICS"]
 
 #: the threshold metrics, in report order
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
@@ -255,6 +255,56 @@ def cohens_kappa(a, b) -> dict:
     z = 1.959963984540054
     return {"kappa": float(kappa), "se": se, "ci": [max(-1.0, kappa - z * se), min(1.0, kappa + z * se)],
             "n": int(n), "agreement": float(po)}
+
+
+def fleiss_kappa(reads: Mapping[str, Sequence] | np.ndarray, level: float = 0.95) -> dict:
+    """Fleiss' kappa (1971): agreement of several raters, each rating every case into categories.
+
+    Parameters
+    ----------
+    reads : {reader: (n,) values} or (n_readers, n) array; any category codes (0/1 calls, 1-5
+        ratings). Cases where any reader is missing (NaN) are dropped.
+
+    Returns
+    -------
+    {"kappa", "se0", "z", "p_value" (two-sided test of kappa = 0 with the null variance of Fleiss,
+    Nee & Landis 1979), "n" (cases used), "n_readers", "categories", "agreement" (mean observed
+    pairwise agreement P-bar)}; kappa NaN when every rating falls in one category.
+
+    Examples
+    --------
+    >>> round(fleiss_kappa({"a": [1, 0, 1, 1], "b": [1, 0, 1, 0], "c": [1, 0, 0, 1]})["kappa"], 4)
+    0.3143
+    """
+    if isinstance(reads, Mapping):
+        X = np.vstack([np.asarray(v, float) for v in reads.values()])
+    else:
+        X = np.atleast_2d(np.asarray(reads, float))
+    R = X.shape[0]
+    nan = float("nan")
+    X = X[:, np.isfinite(X).all(axis=0)]
+    n = X.shape[1]
+    cats = np.unique(X)
+    out = {"kappa": nan, "se0": nan, "z": nan, "p_value": nan, "n": int(n), "n_readers": int(R),
+           "categories": [float(c) for c in cats], "agreement": nan}
+    if R < 2 or n == 0:
+        return out
+    counts = np.stack([(X == c).sum(axis=0) for c in cats], axis=1).astype(float)  # (n, k)
+    p = counts.sum(axis=0) / (n * R)
+    P_i = ((counts * (counts - 1)).sum(axis=1)) / (R * (R - 1))
+    P_bar, P_e = float(P_i.mean()), float((p ** 2).sum())
+    out["agreement"] = P_bar
+    if P_e >= 1.0:
+        return out
+    kappa = (P_bar - P_e) / (1 - P_e)
+    pq = p * (1 - p)
+    spq = float(pq.sum())
+    var0 = 2.0 / (n * R * (R - 1)) * (spq ** 2 - float((pq * (1 - 2 * p)).sum())) / spq ** 2
+    se0 = float(np.sqrt(max(var0, 0.0)))
+    z = kappa / se0 if se0 > 0 else nan
+    out.update({"kappa": float(kappa), "se0": se0, "z": float(z),
+                "p_value": float(2 * ndtr(-abs(z))) if z == z else nan})
+    return out
 
 
 def reader_consensus(reads: Mapping[str, Sequence] | np.ndarray, rule: str = "majority") -> np.ndarray:

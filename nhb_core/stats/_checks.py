@@ -87,3 +87,58 @@ def need_both_classes(y: np.ndarray, *, source: str | None = None, column: str =
         raise StatsInputError(source or column, f"column '{column}' has only {only} among {y.size} cases; "
                               "an AUC needs both classes", "Include positive and negative cases")
     return m, n
+
+
+#: a reader's 1-5 confidence rating (1 definitely no injury .. 5 definitely injury) is a positive call
+#: when ``rating >= RATING_POSITIVE`` (3 = "possible injury": the conservative screening read)
+RATING_POSITIVE = 3
+RATING_LEVELS = (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def reader_scale(values) -> str | None:
+    """``"binary"`` (every read 0/1), ``"rating"`` (every read an integer 1..5, at least one above 1)
+    or None (anything else, e.g. 0/1 reads mixed with 2-5 ratings). NaN (not read) is ignored.
+
+    >>> reader_scale([0, 1, float("nan")]), reader_scale([1, 3, 5]), reader_scale([0, 3])
+    ('binary', 'rating', None)
+    """
+    arr = np.asarray(values, dtype=float)
+    v = arr[~np.isnan(arr)]
+    if np.isin(v, (0.0, 1.0)).all():
+        return "binary"
+    if np.isin(v, RATING_LEVELS).all():
+        return "rating"
+    return None
+
+
+def as_reader(p, n: int | None = None, *, source: str | None = None, column: str = "reader",
+              allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """A reader column of 0/1 reads or of 1-5 confidence ratings.
+
+    Returns
+    -------
+    calls : (n,) float 0/1 (NaN = not read, only with ``allow_missing``): the read itself, or
+        ``rating >= RATING_POSITIVE`` for a rating column
+    ratings : (n,) float 1..5 (NaN = not read) for a rating column, else None
+
+    >>> as_reader([1, 4, 5, 2], column="reader_1")[0].tolist()
+    [0.0, 1.0, 1.0, 0.0]
+    """
+    where = source or column
+    try:
+        arr = np.asarray(p, dtype=float)
+    except (TypeError, ValueError):
+        raise StatsInputError(where, f"column '{column}' has values other than 0/1 or 1-5 ratings",
+                              "Code each read as 1 = positive, 0 = negative, or as a 1-5 confidence rating") from None
+    if reader_scale(arr) == "rating":
+        if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+            raise StatsInputError(where, f"column '{column}' has {arr.shape[0]} values but the truth has {n}",
+                                  "Give one value per case, in the same order as the truth")
+        nan = np.isnan(arr)
+        if nan.any() and not allow_missing:
+            first = int(np.flatnonzero(nan)[0]) + 1
+            raise StatsInputError(where, f"column '{column}' has a missing value (case {first})",
+                                  "Give a rating for every case")
+        calls = np.where(nan, np.nan, (arr >= RATING_POSITIVE).astype(float))
+        return calls, arr
+    return as_binary(arr, n, source=source, column=column, allow_missing=allow_missing), None

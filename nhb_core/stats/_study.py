@@ -16,7 +16,7 @@ from nhb_core.progress import ProgressCallback, emit
 from nhb_core.stats import _binary as B
 from nhb_core.stats import _calibration as C
 from nhb_core.stats import _roc as R
-from nhb_core.stats._checks import as_labels, as_scores
+from nhb_core.stats._checks import RATING_POSITIVE, as_labels, as_reader, as_scores, reader_scale
 
 __all__ = ["set_metrics", "study_metrics", "tidy_table", "roc_table", "aggregate_subjects",
            "load_predictions", "analyze_predictions", "set_name_from_file", "META_COLUMNS"]
@@ -68,7 +68,10 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
     truth : 0/1 column; scores : model probability columns (higher = positive)
     cluster : column of cluster ids (subject) for slice rows: adds Obuchowski's clustered AUC, its CI,
         a cluster-bootstrap CI, clustered paired comparisons, and makes the ROC band a cluster bootstrap
-    readers : 0/1 reader columns (NaN = not read; such rows are left out of that reader's statistics)
+    readers : reader columns of 0/1 reads or of 1-5 confidence ratings (NaN = not read; such rows are
+        left out of that reader's statistics). A rating column's call is ``rating >= 3``
+        (``RATING_POSITIVE``) for the binary metrics, McNemar and kappa; it also gets ``auc``,
+        ``auc_ci_delong``, ``roc.points`` and, per model, a paired DeLong ``auc_diff`` / ``delong_p``.
     thresholds : model -> threshold fixed in advance (positive when score >= threshold); 0.5 when absent
     seed, n_boot : the bootstrap (every random draw is fixed by ``seed``)
 
@@ -188,26 +191,38 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
                                  "method": "obuchowski clustered (delong_* ignore clusters)"})
                 block["comparisons"].append(comp)
     # readers
-    reads = {}
-    for r in readers:
-        reads[r] = B.check_reader(df[r].to_numpy(), n, source="predictions", column=r, allow_missing=True)
+    reads, ratings = {}, {}
+    for r in readers:  # 0/1 reads, or 1-5 ratings (a call is rating >= RATING_POSITIVE)
+        reads[r], ratings[r] = as_reader(df[r].to_numpy(), n, source="predictions", column=r, allow_missing=True)
 
-    def reader_block(vals: np.ndarray) -> dict:
+    def reader_block(vals: np.ndarray, rating: np.ndarray | None = None) -> dict:
         ok = np.isfinite(vals)
         yr, pr = y[ok], vals[ok] == 1
         c = B.confusion(yr, pr)
         met = B._metrics_from_confusion(c, level)
         out = {"n": int(ok.sum()), "confusion": c, **{k: _prop_block(met[k]) for k in B.METRICS}, "vs": {}}
+        both_r = bool(yr.any() and (~yr).any())
+        if rating is not None:
+            out.update({"scale": "rating", "positive_rating": RATING_POSITIVE})
+            if both_r:  # the reader's own ROC from the 1-5 ratings
+                rr = rating[ok]
+                v10, v01 = R._placements_from_groups(R._groups(yr, rr), yr, int(yr.sum()), int((~yr).sum()))
+                a, var = float(v10.mean()), R._var_from_placements(v10, v01)
+                out.update({"auc": a, "auc_var_delong": var, "auc_ci_delong": list(R._ci_trunc(a, var, R._z(level))),
+                            "roc": {"points": R.roc_curve(yr, rr).to_dict()}})
         for m in scores:
             cmp = B.compare_to_reader(yr, preds[m][ok], pr, n_boot=n_boot, seed=seed)
             out["vs"][m] = {"mcnemar_p": cmp["mcnemar_p"], "mcnemar_p_sensitivity": cmp["mcnemar_p_sensitivity"],
                             "mcnemar_p_specificity": cmp["mcnemar_p_specificity"],
                             "precision_p": cmp["precision_p"], "precision_diff": cmp["precision"]["diff"],
                             "precision_diff_ci": cmp["precision"]["ci"], "tables": cmp["tables"]}
+            if rating is not None and both_r:  # paired DeLong: model AUC - reader AUC on the read cases
+                pdl = R.delong_paired(yr, S[m][ok], rating[ok], level)
+                out["vs"][m].update({"auc_diff": pdl["auc_diff"], "auc_diff_ci": pdl["ci"], "delong_p": pdl["p_value"]})
         return out
 
     for r, vals in reads.items():
-        block["readers"][r] = reader_block(vals)
+        block["readers"][r] = reader_block(vals, ratings[r])
     if len(reads) >= 2:
         names = list(reads)
         pairs = []
@@ -219,7 +234,7 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
         block["reader_agreement"] = {"kappa": pairs[0]["kappa"] if len(pairs) == 1 else
                                      (float(np.mean(ks)) if ks else _NAN),
                                      "kappa_method": "cohen" if len(pairs) == 1 else "mean pairwise cohen (light)",
-                                     "pairs": pairs}
+                                     "pairs": pairs, "fleiss": B.fleiss_kappa(reads, level)}
         cons = B.reader_consensus(reads, rule=consensus_rule)
         block["consensus"] = {"rule": consensus_rule, "readers": names, **reader_block(cons)}
     return block
@@ -478,10 +493,11 @@ def load_predictions(path: str | os.PathLike, truth: str, scores: Sequence[str],
         v = _numeric(r)
         _complete(r, v, "Give a 0/1 read for every case")
         bad = ~np.isin(v, (0.0, 1.0))
-        if bad.any():
+        if bad.any() and reader_scale(v) != "rating":  # 0/1 reads, or 1-5 ratings (not a mix)
             i = int(np.flatnonzero(bad)[0])
             raise StatsInputError(path, f"reader column '{r}' has a value other than 0/1 ({v[i]:g})",
-                                  "Code each read as 1 = positive, 0 = negative", row=i + 2)
+                                  "Code each read as 1 = positive, 0 = negative (or every read as a 1-5 rating)",
+                                  row=i + 2)
         cols[r] = v
     out = pd.DataFrame(cols)
     if cluster:
@@ -586,12 +602,17 @@ def analyze_predictions(df, truth: str, scores: Sequence[str], cluster: str | No
             out["comparisons"].append(comp)
     if cluster:
         out["subject_level"] = _subject_level(df, y, S, cluster, truth, aggregate, n_boot, seed, level)
-    reads = {r: B.check_reader(df[r].to_numpy(), n, source=source, column=r) for r in readers}
+    reads, ratings = {}, {}
+    for r in readers:
+        reads[r], ratings[r] = as_reader(df[r].to_numpy(), n, source=source, column=r)
     for r, v in reads.items():
         rb = v == 1
         c = B.confusion(y, rb)
         met = B._metrics_from_confusion(c, level)
         entry: dict[str, Any] = {"confusion": c, **{k: _prop_block(met[k]) for k in B.METRICS}, "vs": {}}
+        if ratings[r] is not None:  # a 1-5 rating column: calls at rating >= 3, and the reader's AUC
+            entry.update({"scale": "rating", "positive_rating": RATING_POSITIVE,
+                          "auc": R.auc(y, ratings[r]), "auc_ci_delong": list(R.auc_ci_delong(y, ratings[r], level))})
         for s in names:
             cmp = B.compare_to_reader(y, S[s] >= threshold, rb, n_boot=n_boot, seed=seed)
             entry["vs"][s] = {k: cmp[k] for k in ("mcnemar_p", "mcnemar_p_sensitivity", "mcnemar_p_specificity",
