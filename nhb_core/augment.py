@@ -42,6 +42,9 @@ class AugmentConfig:
         coordinates (in [-1, 1]) with coefficients in [-bias_field, +bias_field].
     noise_std : float
         Add Gaussian noise with standard deviation drawn in [0, noise_std].
+    blur_sigma : float
+        Smooth with a Gaussian of sigma drawn in [0, blur_sigma] pixels (another scanner's
+        point-spread function; at most 2).
     padding : {"border", "zeros", "reflection"}
         ``grid_sample`` padding for pixels warped in from outside the image.
     """
@@ -54,6 +57,7 @@ class AugmentConfig:
     intensity_shift: float = 0.05
     bias_field: float = 0.15
     noise_std: float = 0.03
+    blur_sigma: float = 0.0
     padding: str = "border"
 
     def __post_init__(self) -> None:
@@ -74,6 +78,9 @@ class AugmentConfig:
                 if not fv >= 0:
                     raise ConfigError("augment config", f"{f.name} must be >= 0, got {v!r}", f"Give {f.name} >= 0")
                 setattr(self, f.name, fv)
+        if self.blur_sigma > 2:
+            raise ConfigError("augment config", f"blur_sigma must be at most 2 pixels, got {self.blur_sigma}",
+                              "Use e.g. blur_sigma: 0.6")
         if self.scale >= 1:
             raise ConfigError("augment config", f"scale must be < 1, got {self.scale}", "Use e.g. scale: 0.1")
 
@@ -95,6 +102,21 @@ def _uniform(n: int, lo: float, hi: float, gen, device, dtype):
     import torch
 
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device, dtype=dtype)
+
+
+def _random_blur(x, sigma):
+    """Blur each image of ``x`` [B, K, H, W] with its own Gaussian ``sigma`` [B] (pixels, 5 x 5 kernel)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, k, h, w = x.shape
+    r = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
+    s = sigma.clamp_min(1e-3).view(b, 1)
+    g1 = torch.exp(-0.5 * (r.view(1, 5) / s) ** 2)
+    g1 = g1 / g1.sum(dim=1, keepdim=True)  # [B, 5]; sigma -> 0 gives the identity kernel
+    ker = (g1.view(b, 5, 1) * g1.view(b, 1, 5)).repeat_interleave(k, dim=0).view(b * k, 1, 5, 5)
+    y = F.conv2d(F.pad(x.reshape(1, b * k, h, w), (2, 2, 2, 2), mode="replicate"), ker, groups=b * k)
+    return y.view(b, k, h, w)
 
 
 def augment_batch(x, generator, config: Optional[AugmentConfig] = None, intensity_channels: Optional[int] = None):
@@ -155,6 +177,8 @@ def augment_batch(x, generator, config: Optional[AugmentConfig] = None, intensit
         a = _uniform(b, 1.0 - cfg.intensity_scale, 1.0 + cfg.intensity_scale, g, dev, dt).view(b, 1, 1, 1)
         s = _uniform(b, -cfg.intensity_shift, cfg.intensity_shift, g, dev, dt).view(b, 1, 1, 1)
         inten = inten * a + s
+        if cfg.blur_sigma > 0:
+            inten = _random_blur(inten, _uniform(b, 0.0, cfg.blur_sigma, g, dev, dt))
         if cfg.noise_std > 0:
             sd = _uniform(b, 0.0, cfg.noise_std, g, dev, dt).view(b, 1, 1, 1)
             inten = inten + sd * torch.randn(inten.shape, generator=g, device=dev, dtype=dt)

@@ -55,7 +55,7 @@ from nhb_core.progress import EtaEstimator, ProgressCallback, emit
 
 #: Version of the slice-extraction algorithm; part of every cache key, so that a
 #: change of the algorithm invalidates caches written by an older version.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 INDEX_COLUMNS = ["subject_id", "center", "label", "slice_index", "source_sha256", "roi_sha256",
                  "row", "image_sha256", "roi_voxels", "si_left", "si_right", "si_both"]
