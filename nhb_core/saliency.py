@@ -102,8 +102,11 @@ def _timm_feature_module(model, input_hw: Optional[tuple[int, int]] = None):
 
 #: A target layer whose map has fewer cells a side than this (at the crop size) is replaced by
 #: a shallower stage: a 1 x 1 or 2 x 2 map cannot say where in a 32-64 px crop the model looks,
-#: and at 4 x 4 one cell (16 x 16 mm on a 64 mm crop) is larger than a globus pallidus (5 x 8 mm).
-MIN_CAM_CELLS = 8
+#: and a cell must not be larger than a globus pallidus (5 x 8 mm): on the 64 mm crop that takes
+#: 16 cells (4 mm each; 64 px: ResNet layer1, DenseNet denseblock1, EfficientNet blocks.1). Measured on
+#: resnet18's true positives (docs/training.md): 8 x 8 cells put 4 x chance of the energy on the GP,
+#: 16 x 16 cells 7 x (Grad-CAM) to 11 x (LayerCAM, made for such layers).
+MIN_CAM_CELLS = 16
 
 
 def _output_hw(model, layer, in_chans: int, input_hw: tuple[int, int]) -> Optional[tuple[int, int]]:
