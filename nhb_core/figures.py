@@ -530,6 +530,42 @@ def auc_bar_figure(metrics: Mapping[str, Any], level: str = "subject") -> go.Fig
     return fig
 
 
+def seeds_figure(seeds: Mapping[str, Any], height: int = 360) -> go.Figure:
+    """The spread over repeated seeds (``RUN/seeds.json``, ``nhb_core.study.seed_summary``).
+
+    One marker per seed and model on each set (subject-level AUC), with the mean as a bar tick and
+    +- 1 SD as an error bar: a difference between models smaller than this spread is not a finding.
+    """
+    sets = [s for s in ("test", "val") if s in (seeds.get("sets") or {})]
+    sets += sorted(s for s in (seeds.get("sets") or {}) if s not in sets and s != "pooled")
+    if not sets:
+        return _empty("Repeated seeds", "no AUCs in seeds.json")
+    names = list(dict.fromkeys(m for s in sets for m in seeds["sets"][s]))
+    fig = go.Figure()
+    for name in names:
+        xs, ys, mx, my, sd = [], [], [], [], []
+        for s in sets:
+            v = seeds["sets"][s].get(name)
+            if not v:
+                continue
+            xs += [set_label(s)] * len(v["auc"])
+            ys += list(v["auc"])
+            mx.append(set_label(s))
+            my.append(v["mean"])
+            sd.append(v.get("sd") or 0.0)
+        color = model_color(name, names)
+        fig.add_trace(go.Box(x=xs, y=ys, name=name, marker_color=color, boxpoints="all", jitter=0.3,
+                             pointpos=0, fillcolor="rgba(0,0,0,0)", line=dict(width=0), legendgroup=name,
+                             hovertemplate="%{y:.3f}<extra>" + name + "</extra>"))
+        fig.add_trace(go.Scatter(x=mx, y=my, mode="markers", marker=dict(symbol="line-ew-open", size=26, color=color,
+                                 line=dict(width=2)), error_y=dict(type="data", array=sd, visible=True, color=color),
+                                 name=f"{name} mean +- SD", legendgroup=name, showlegend=False,
+                                 hovertemplate="mean %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(title=f"AUC over seeds {', '.join(map(str, seeds.get('seeds') or []))} (subject level)",
+                      boxmode="group", height=height, yaxis=dict(title="AUC", range=[0.4, 1.02]), **LAYOUT)
+    return fig
+
+
 # ----------------------------------------------------------------------------- loaders for callers
 
 def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subject") -> "Any":

@@ -167,6 +167,7 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     seeds_models = list(dict.fromkeys(m for x in seeds_sets for m in seeds["sets"][x])) if seeds else []
     ctx: dict[str, Any] = {"metrics": metrics, "run": run, "models": models, "sets": sets, "readers": readers,
                            "seeds": seeds, "seeds_sets": seeds_sets, "seeds_models": seeds_models,
+                           "fig_seeds": figs.html(F.seeds_figure(seeds)) if seeds else "",
                            "leaky": bool(metrics.get("leaky")), "n_shared": metrics.get("n_shared_subjects"),
                            "set_label": F.set_label, "fmt": _fmt, "fmt_ci": _fmt_ci, "fmt_p": _fmt_p,
                            "plotly_version": plotly.__version__}
@@ -325,6 +326,7 @@ TEMPLATE = r"""<!DOCTYPE html>
 <table><thead><tr><th>model</th>{% for s in seeds_sets %}<th>{{ set_label(s) }}</th>{% endfor %}</tr></thead><tbody>
 {% for m in seeds_models %}<tr><td>{{ m }}</td>{% for s in seeds_sets %}{% set v = seeds.sets[s].get(m) %}<td class="num">{% if v %}{{ fmt(v.mean) }} &plusmn; {{ fmt(v.sd) }} ({{ fmt(v.min) }}&ndash;{{ fmt(v.max) }}){% else %}&mdash;{% endif %}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table>
+{{ fig_seeds | safe }}
 </section>
 {% endif %}
 
