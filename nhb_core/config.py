@@ -37,7 +37,7 @@ PAPER_MODELS = ["resnet18", "densenet121", "efficientnet_b0"]
 #: Default study configuration. The demo (``python -m nhb_core demo``) uses it as
 #: is, so it is sized to finish the paper preset (277 subjects, about 700 slices,
 #: three models) in about 10 minutes on 2 CPU cores: 64 px slices (1 mm per pixel over
-#: the 64 mm crop) and 30 epochs (benchmarks/bench_recipe.py, docs/training.md).
+#: the 64 mm crop) and 25 epochs (benchmarks/bench_recipe.py, docs/training.md).
 DEFAULTS: dict[str, Any] = {
     "name": None,            # free text shown in the report; defaults to the run folder's name
     "manifest": None,        # absolute path of the manifest (filled in by run_study)
@@ -54,9 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "prepare": {"size": 64, "norm": "reference", "ref_ring_mm": 6.0, "roi_window_mm": 5.0, "workers": None},
     "split": {"unit": "subject", "dev_centers": None, "test_size": 0.2, "val_size": 0.15, "seed": None},
     # geometric augmentation and noise only (an intensity scale/shift/bias field of a ratio image is as
-    # large as the injury), 30 epochs, an EMA of the weights and the last epoch's weights (a 35-subject
+    # large as the injury), 25 epochs, an EMA of the weights and the last epoch's weights (a 35-subject
     # validation set cannot pick an epoch): see docs/training.md
-    "train": {"epochs": 30, "batch_size": 32, "augment": True, "seed": None, "ema": 0.99, "select": "last",
+    "train": {"epochs": 25, "batch_size": 32, "augment": True, "seed": None, "ema": 0.99, "select": "last",
               "aggregate": "max",
               "augment_params": {"intensity_scale": 0.0, "intensity_shift": 0.0, "bias_field": 0.0,
                                  "noise_std": 0.04}},

@@ -332,12 +332,12 @@ TEMPLATE = r"""<!DOCTYPE html>
 
 <section id="threshold">
 <h2>Threshold metrics and readers</h2>
-<p class="note">At each model's threshold (Youden on the validation set, subject level); 95% Wilson CIs. McNemar exact p-values compare each model's calls with each reader's on the same subjects.</p>
+<p class="note">At each model's threshold (Youden on the validation set, subject level); 95% Wilson CIs; the accuracy at the conventional 0.5 and the calibration slope (1 = calibrated; probabilities are prior-corrected for the class-balanced loss, docs/training.md) beside them. McNemar exact p-values compare each model's calls with each reader's on the same subjects.</p>
 {% for e in per_set %}{% set blk = e.levels.get("subject") %}{% if blk %}
 <h3>{{ e.label }}</h3>
-<table><thead><tr><th>model / reader</th><th>threshold</th>{% for k in threshold_keys %}<th>{{ k }}</th>{% endfor %}</tr></thead><tbody>
-{% for m, mm in blk.models.items() %}<tr><td>{{ m }}</td><td class="num">{{ fmt(mm.threshold) }}</td>{% for k in threshold_keys %}<td class="num">{{ fmt(mm[k]) if mm[k] is defined else "" }}</td>{% endfor %}</tr>{% endfor %}
-{% for r, rr in (blk.readers or {}).items() %}<tr><td><i>{{ r }}</i></td><td></td>{% for k in threshold_keys %}<td class="num">{{ fmt(rr[k]) if rr[k] is defined else "" }}</td>{% endfor %}</tr>{% endfor %}
+<table><thead><tr><th>model / reader</th><th>threshold</th>{% for k in threshold_keys %}<th>{{ k }}</th>{% endfor %}<th>accuracy at 0.5</th><th>calibration slope</th></tr></thead><tbody>
+{% for m, mm in blk.models.items() %}<tr><td>{{ m }}</td><td class="num">{{ fmt(mm.threshold) }}</td>{% for k in threshold_keys %}<td class="num">{{ fmt(mm[k]) if mm[k] is defined else "" }}</td>{% endfor %}<td class="num">{% set a5 = mm.get("at_0.5") %}{{ fmt(a5.accuracy) if a5 else "" }}</td><td class="num">{{ fmt((mm.calibration or {}).get("slope")) }}</td></tr>{% endfor %}
+{% for r, rr in (blk.readers or {}).items() %}<tr><td><i>{{ r }}</i></td><td></td>{% for k in threshold_keys %}<td class="num">{{ fmt(rr[k]) if rr[k] is defined else "" }}</td>{% endfor %}<td></td><td></td></tr>{% endfor %}
 </tbody></table>
 {% if blk.readers %}<table><thead><tr><th>reader</th><th>model</th><th>McNemar p (calls)</th><th>McNemar p (sensitivity)</th><th>McNemar p (specificity)</th><th>precision difference [95% CI]</th><th>p</th></tr></thead><tbody>
 {% for r, rr in blk.readers.items() %}{% for m, vs in (rr.vs or {}).items() %}<tr><td>{{ r }}</td><td>{{ m }}</td><td class="num">{{ fmt_p(vs.mcnemar_p) }}</td>

@@ -345,3 +345,20 @@ def test_seed_summary_mean_and_sd(tmp_path):
     v = out["sets"]["test"]["resnet18"]
     assert v["auc"] == [0.8, 0.9, 0.85] and v["mean"] == pytest.approx(0.85) and v["sd"] == pytest.approx(0.05)
     assert out["centers"]["test"]["B"]["resnet18"]["mean"] == pytest.approx(0.75)
+
+
+def test_seeds_report_section(run_copy):
+    from nhb_core.fileio import atomic_write_json
+    from nhb_core.report import write_report
+    from nhb_core.study import seed_summary
+
+    atomic_write_json(run_copy / "seeds.json", seed_summary({0: run_copy, 1: run_copy}))
+    html = write_report(run_copy).read_text()
+    assert 'id="seeds"' in html and "Repeated seeds" in html and "&plusmn;" in html
+    (run_copy / "seeds.json").unlink()
+
+
+def test_study_cli_bad_seeds(tmp_path, small_cohort):
+    r = subprocess.run([sys.executable, "-m", "nhb_core", "study", "--manifest", str(small_cohort), "--out",
+                        str(tmp_path / "r"), "--seeds", "0,0", "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "seeds" in r.stderr and "Traceback" not in r.stderr
