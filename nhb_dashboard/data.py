@@ -202,12 +202,29 @@ def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
     rows = []
     for r in list_runs(runs_dir):
         s = run_summary(r)
-        rows.append({"name": s["name"], "status": s["status"], "stage": s["stage"],
+        status = s["status"] + (f" ({s['stage']})" if s["stage"] and s["status"] in ("running", "failed") else "")
+        rows.append({"name": s["name"], "status": status, "stage": s["stage"],
                      "models": ", ".join(s["models"]),
                      "sets": ", ".join(set_label(x) for x in s["sets"] if x != "val"),
                      "leakage": ("LEAKY (slice split)" if s["leaky"] else "no") if s["leaky"] is not None else "",
                      "created": s["created"], "error": s["error"]})
     return pd.DataFrame(rows, columns=cols)
+
+
+#: the columns the Home page shows and their widths in pixels: together under 800 px, the main
+#: area of a 1280 px wide browser next to the sidebar (the sets are the AUC table's rows)
+RUNS_TABLE_WIDTHS = {"name": 150, "status": 110, "models": 230, "leakage": 130, "created": 150}
+RUNS_TABLE_HELP = {"status": "queued / running (stage) / done / failed / cancelled",
+                   "leakage": "LEAKY: slices of one subject in both train and test"}
+
+#: shorter headers for the cohort table's usual covariates
+PRETTY_COLUMNS = {"nbna": "NBNA", "gestational_age_weeks": "GA (weeks)", "postnatal_age_days": "age (days)",
+                  "tsb_umol_l": "TSB (µmol/L)", "birth_weight_g": "birth weight (g)"}
+
+
+def pretty_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the usual covariate columns renamed for display (:data:`PRETTY_COLUMNS`)."""
+    return df.rename(columns={c: PRETTY_COLUMNS[c] for c in df.columns if c in PRETTY_COLUMNS})
 
 
 def auc_overview(runs_dir: str | os.PathLike) -> pd.DataFrame:
@@ -786,10 +803,14 @@ def saliency_rows(results: dict[str, dict]) -> pd.DataFrame:
                                        "faithfulness", "random baseline"])
 
 
-#: what a missing per-model mean means (a column where no case had a value)
-_MEANS_MISSING = {"energy_in_roi": "no map", "energy_x_chance": "no map", "energy_chance": "no ROI",
-                  "pointing_hit_rate": "no map", "faithfulness": NO_FAITHFULNESS, "random_baseline": NO_FAITHFULNESS,
-                  "faithfulness_gain": NO_FAITHFULNESS, "pointing_chance": "no ROI"}
+#: what a missing per-model mean means (a column where no case had a value), and shorter headers
+_MEANS_MISSING = {"energy_in_roi": "no map in any case", "energy_x_chance": "no map in any case",
+                  "energy_chance": "no ROI", "pointing_hit_rate": "no map in any case",
+                  "faithfulness": "not computed", "random_baseline": "not computed",
+                  "faithfulness_gain": "not computed", "pointing_chance": "no ROI"}
+_MEANS_HEADERS = {"energy_in_roi": "energy in ROI", "energy_chance": "chance", "energy_x_chance": "x chance",
+                  "pointing_hit_rate": "pointing hits", "pointing_chance": "pointing chance",
+                  "faithfulness": "faithfulness", "random_baseline": "random baseline", "faithfulness_gain": "gain"}
 
 
 def means_table(means: pd.DataFrame) -> pd.DataFrame:
@@ -800,4 +821,4 @@ def means_table(means: pd.DataFrame) -> pd.DataFrame:
         if c in ("model", "n"):
             continue
         out[c] = [_num(v, _MEANS_MISSING.get(c, "not computed")) for v in out[c]]
-    return out
+    return out.rename(columns=_MEANS_HEADERS)

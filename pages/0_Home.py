@@ -34,23 +34,15 @@ with ui.guard():
     else:
         # fixed columns and widths: the table fits a normal browser width whatever the runs hold;
         # failed runs' errors are shown in full below it
-        ui.show_table(table.drop(columns=["error"]), column_config={
-            "name": st.column_config.TextColumn("name", width="medium"),
-            "status": st.column_config.TextColumn("status", width="small",
-                                                  help="queued / running / done / failed / cancelled"),
-            "stage": st.column_config.TextColumn("stage", width="small"),
-            "models": st.column_config.TextColumn("models", width="medium"),
-            "sets": st.column_config.TextColumn("sets", width="medium", help="held-out sets (validation left out)"),
-            "leakage": st.column_config.TextColumn("leakage", width="small",
-                                                   help="LEAKY: slices of one subject in both train and test"),
-            "created": st.column_config.TextColumn("created", width="medium"),
-        })
+        ui.show_table(table[list(dd.RUNS_TABLE_WIDTHS)], column_config={
+            c: st.column_config.TextColumn(c, width=w, help=dd.RUNS_TABLE_HELP.get(c))
+            for c, w in dd.RUNS_TABLE_WIDTHS.items()})
         n_leaky = int(table["leakage"].astype(str).str.startswith("LEAKY").sum())
         if n_leaky:
             st.warning(f"{n_leaky} run(s) used a slice-level split: slices of one neonate sit in both training and "
                        "test sets, so their AUCs are optimistic (leakage). Compare them with a subject-level run "
                        "on the Results page.", icon=":material/warning:")
-        failed = table[table["status"] == "failed"]
+        failed = table[table["status"].astype(str).str.startswith("failed")]
         for _, r in failed.head(5).iterrows():
             ui.error_box(f"{r['name']}: {r['error']}" if r["error"] else f"{r['name']}: failed")
         if len(failed) > 5:
@@ -58,10 +50,9 @@ with ui.guard():
         if len(aucs):
             st.markdown("**Subject-level AUC** per run and held-out set (one column per model)")
             ui.show_table(aucs, column_config={
-                "run": st.column_config.TextColumn("run", width="medium"),
-                "set": st.column_config.TextColumn("set", width="medium"),
-                **{c: st.column_config.NumberColumn(c, format="%.3f", width="small")
-                   for c in aucs.columns if c not in ("run", "set")}})
+                "run": st.column_config.TextColumn("run", width=140),
+                "set": st.column_config.TextColumn("set", width=130),
+                **{c: st.column_config.NumberColumn(c, format="%.3f") for c in aucs.columns if c not in ("run", "set")}})
 
 st.subheader("Cohort of the default study")
 with ui.guard():
@@ -80,7 +71,7 @@ with ui.guard():
         c2.metric("slices", ds.get("slices", "?"))
         c3.metric("centers", len(ds.get("centers") or []))
         if cohort.get("table1"):
-            ui.show_table(pd.DataFrame(cohort["table1"]))
+            ui.show_table(dd.pretty_columns(pd.DataFrame(cohort["table1"])))
         if flow.get("sets"):
             ui.show_table(pd.DataFrame([{"set": dd.set_label(k), **{kk: (", ".join(vv) if isinstance(vv, list) else vv)
                                                                     for kk, vv in v.items()}}

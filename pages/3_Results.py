@@ -107,7 +107,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
     dl = dd.delong_matrix(m, set_pick, level)
     if dl.shape[0] >= 2:
         st.dataframe(dl.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")), width="stretch")
-        st.caption("- : not computed (a model compared with itself, or too few cases of one class).")
+        st.caption("\\- : not computed (a model compared with itself, or too few cases of one class).")
     else:
         st.caption("One model: nothing to compare.")
     rt = dd.reader_table(m, set_pick, level)
