@@ -23,21 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nhb_dashboard import nav
 
-PAGES = {"home": None, "cohort": "pages/1_Cohort.py", "launch": "pages/2_Launch.py",
-         "results": "pages/3_Results.py", "saliency": "pages/4_Saliency.py", "predict": "pages/5_Predict.py"}
+REPO = Path(__file__).resolve().parents[1]
+# every page as app.py's st.navigation declares them (None: the default page, Home)
+PAGES = {p.title.lower(): (None if p.default else p.path) for p in nav.page_specs()}
 TARGET_S = 2.0
 
 
 def _ensure_run(runs: Path) -> tuple[Path, str]:
-    from nhb_core import dashboard_data as dd
+    from nhb_dashboard import data as dd
 
     done = dd.finished_runs(runs)
     if done:

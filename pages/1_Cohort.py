@@ -114,6 +114,15 @@ if mdf is not None and len(mdf):
         npg = st.slider("Subjects per group", 1, 8, 4, key="cohort_montage_n")
         picks = dd.montage_picks(mdf, npg, seed=0)
         by_id = mdf.set_index(mdf["subject_id"].astype(str))
+        # each subject's crops cost a volume load + preprocessing (~0.1-0.3 s): count the cold ones
+        keys = [(dd.file_key(by_id.loc[s, "t1_path"]), dd.file_key(by_id.loc[s, "roi_path"]))
+                for ids in picks.values() for s in ids]
+        cold = [k for k in keys if not ui.is_warm("crops", *k)]
+        with ui.steps("Preparing the montage crops", len(cold), show=len(cold) > 3) as prog:
+            for k in cold:
+                subject_crops(k[0], k[1], 64)
+                ui.mark_warm("crops", *k)
+                ui.advance(prog)
         for center in sorted({c for c, _ in picks}):
             st.markdown(f"**Center {ui.md_escape(center)}**")
             left, right = st.columns(2)
