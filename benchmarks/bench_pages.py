@@ -16,6 +16,13 @@ every page warm < 2 s on the paper-size run.
 When the folder has no finished run, a tiny study on the small synthetic cohort
 is run first (``"preset": "small"`` in the output) so that the script always
 measures something.
+
+``--browser`` measures what a user waits for instead: ``streamlit run app.py`` on a
+free port and headless Chromium (Playwright, ``/usr/bin/chromium`` or ``$CHROMIUM``)
+opening each page with ``?run=NAME``; a page has *settled* when its script has
+finished and every chart and image is drawn. ``cold`` is the first visit, ``warm``
+the best of ``--repeat`` reloads (a new browser session each, server caches warm).
+The pages are those of ``nhb_dashboard.nav`` (what ``app.py`` shows).
 """
 
 from __future__ import annotations
@@ -54,15 +61,78 @@ def _ensure_run(runs: Path) -> tuple[Path, str]:
     return run_study(manifest, runs / "bench-small", cfg), "small"
 
 
+_SETTLED = """() => document.querySelector('[data-test-script-state="notRunning"]') !== null
+    && document.querySelectorAll('.js-plotly-plot').length >= document.querySelectorAll('[data-testid="stPlotlyChart"]').length
+    && Array.from(document.querySelectorAll('[data-testid="stImage"] img')).every(i => i.complete)
+    && document.querySelector('[data-testid="stSkeleton"]') === null"""
+
+
+def _browser(runs: Path, run: Path, repeat: int) -> dict:
+    """Per page: seconds from navigation until the page has settled in headless Chromium."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = open(runs / ".bench_pages_streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1"],
+                            cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    pages: dict = {}
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            b = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                                   args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            for spec in nav.page_specs():
+                times = []
+                for _ in range(1 + max(1, repeat)):
+                    t0 = time.perf_counter()
+                    page.goto(f"{base}/{spec.url_path}?run={run.name}")
+                    page.wait_for_selector("h1", timeout=900_000)
+                    page.wait_for_function(_SETTLED, timeout=900_000, polling=50)
+                    times.append(time.perf_counter() - t0)
+                errors = page.locator('[data-testid="stException"]').all_inner_texts()
+                pages[spec.title.lower()] = {"cold_s": round(times[0], 3), "warm_s": round(min(times[1:]), 3),
+                                             "ok": not errors and min(times[1:]) < TARGET_S, "errors": errors[:3]}
+            b.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+    return pages
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default=os.environ.get("NHB_RUNS_DIR", "runs"))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--browser", action="store_true", help="time the pages in headless Chromium")
     args = ap.parse_args()
     runs = Path(args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     os.environ["NHB_RUNS_DIR"] = str(runs)
     run, preset = _ensure_run(runs)
+    if args.browser:
+        pages = _browser(runs, run, args.repeat)
+        print(json.dumps({"benchmark": "dashboard_pages_browser", "run": run.name, "preset": preset,
+                          "target_warm_s": TARGET_S, "pages": pages,
+                          "all_warm_under_target": all(p["ok"] for p in pages.values())}))
+        return
 
     from streamlit.testing.v1 import AppTest
 
