@@ -323,12 +323,33 @@ def _title(spec: dict) -> str:
     return (t.get("text") if isinstance(t, dict) else t) or ""
 
 
-def test_results_figures_fit_their_sections(run_copy):
+def _record_bars(monkeypatch) -> list:
+    from nhb_dashboard import ui
+
+    bars: list = []
+    real_init = ui.Steps.__init__
+
+    def record(self, label, total):
+        real_init(self, label, total)
+        bars.append(self)
+
+    monkeypatch.setattr(ui.Steps, "__init__", record)
+    return bars
+
+
+def test_results_figures_fit_their_sections(run_copy, monkeypatch):
     """No figure repeats its section heading ("Training curves" twice); the confusion matrices have no
-    title on top of the model names; the calibration/decision-curve legends sit under the plot."""
+    title on top of the model names; the calibration/decision-curve legends sit under the plot. The
+    first render builds the figures under a progress bar; a warm rerun shows none."""
+    bars = _record_bars(monkeypatch)
     at = _app(timeout=300).run()
     at.switch_page("pages/3_Results.py").run()
     _assert_clean(at, "results")
+    built = [b for b in bars if b.label.startswith("Building the figures")]
+    assert len(built) == 1 and built[0].done == built[0].total
+    bars.clear()
+    at.run()
+    assert not bars
     headings = {m.value.lstrip("#").strip() for m in at.markdown if m.value.startswith("#")}
     specs = _plotly_specs(at)
     for sp in specs:
@@ -387,17 +408,8 @@ def test_saliency_says_why_a_value_is_missing(run_copy, monkeypatch):
 def test_saliency_cold_cache_shows_progress(run_copy, monkeypatch):
     """With no map cached (on disk or in memory), the page computes them under a progress bar over the
     models (seconds each); a warm rerun shows none."""
-    from nhb_dashboard import ui
-
     shutil.rmtree(run_copy / "saliency" / "cache", ignore_errors=True)
-    bars: list[ui.Steps] = []
-    real_init = ui.Steps.__init__
-
-    def record(self, label, total):
-        real_init(self, label, total)
-        bars.append(self)
-
-    monkeypatch.setattr(ui.Steps, "__init__", record)
+    bars = _record_bars(monkeypatch)
     at = _app(timeout=300).run()
     at.switch_page("pages/4_Saliency.py").run()
     _assert_clean(at, "saliency cold")
