@@ -140,7 +140,8 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
     if pkey[2] >= 0:
         conf, cal, dca = pred_figs(mkey, pkey, set_pick, level)
         ui.advance(prog, "confusion, calibration, decision curves")
-        st.markdown(f"#### Confusion matrices at each model's threshold, {dd.set_label(set_pick)} ({level} level)")
+        st.markdown(f"#### Confusion matrices at each model's threshold, {ui.md_escape(dd.set_label(set_pick))} "
+                    f"({level} level)")
         st.plotly_chart(conf, key=f"{kp}conf", width="stretch")
         if compact:
             st.plotly_chart(cal, key=f"{kp}cal", width="stretch")
