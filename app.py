@@ -1,83 +1,16 @@
-"""NHB Lab dashboard: home page (``streamlit run app.py``; pages in ``pages/``).
+"""NHB Lab dashboard: ``streamlit run app.py``.
 
-Runs folder: ``$NHB_RUNS_DIR`` (default ``./runs``). Everything here is a thin
-layer over ``nhb_core``; see docs/dashboard.md.
+The entry point only declares the navigation: the pages are listed once, in
+:data:`nhb_dashboard.nav.PAGES` (Home is ``pages/0_Home.py``). Runs folder:
+``$NHB_RUNS_DIR`` (default ``./runs``). Everything is a thin layer over ``nhb_core``;
+see docs/dashboard.md.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nhb_dashboard import nav
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import dashboard_ui as ui  # noqa: E402
-from nhb_core import dashboard_data as dd  # noqa: E402
-from nhb_core import jobs  # noqa: E402
-
-
-runs = ui.page("Home")
-st.title("NHB Lab")
-st.caption("T1-weighted MRI deep learning for brain injury in neonatal hyperbilirubinemia: "
-           "subject-level splits, per-site evaluation, clustered statistics.")
-
-with ui.guard():
-    # Streamlit has no background thread: each page load notices finished or dead
-    # jobs and starts queued ones (see nhb_core.jobs).
-    jobs.refresh(runs, ui.max_running())
-
-st.subheader("Runs")
-with ui.guard():
-    st.caption("Runs folder (NHB_RUNS_DIR):")
-    st.code(str(runs), language=None)
-    table = ui.runs_table(runs)
-    if table.empty:
-        st.info("No runs yet. Start a study on the **Launch** page, or run `make demo`.")
-    else:
-        cfg = {c: st.column_config.NumberColumn(c, format="%.3f") for c in table.columns if c.startswith("AUC ")}
-        cfg["status"] = st.column_config.TextColumn("status", help="queued / running / done / failed / cancelled")
-        cfg["leakage"] = st.column_config.TextColumn("leakage", help="LEAKY: slices of one subject in both train and test")
-        ui.show_table(table, column_config=cfg)
-        n_leaky = int(table["leakage"].astype(str).str.startswith("LEAKY").sum())
-        if n_leaky:
-            st.warning(f"{n_leaky} run(s) used a slice-level split: slices of one neonate sit in both training and "
-                       "test sets, so their AUCs are optimistic (leakage). Compare them with a subject-level run "
-                       "on the Results page.", icon=":material/warning:")
-        failed = table[table["status"] == "failed"]
-        for _, r in failed.head(5).iterrows():
-            ui.error_box(f"{r['name']}: {r['error']}" if r["error"] else f"{r['name']}: failed")
-
-st.subheader("Cohort of the default study")
-with ui.guard():
-    finished = dd.finished_runs(runs)
-    default = next((r for r in finished if r.name == "demo"), finished[0] if finished else None)
-    if default is None:
-        st.info("The cohort summary appears once a study has finished.")
-    else:
-        m = ui.metrics(default) or {}
-        st.caption(f"Run: {ui.md_escape(default.name)}")
-        cohort = m.get("cohort") or {}
-        flow = cohort.get("flow") or {}
-        ds = flow.get("dataset") or {}
-        c1, c2, c3 = st.columns(3)
-        c1.metric("subjects", ds.get("subjects", "?"))
-        c2.metric("slices", ds.get("slices", "?"))
-        c3.metric("centers", len(ds.get("centers") or []))
-        if cohort.get("table1"):
-            ui.show_table(pd.DataFrame(cohort["table1"]))
-        if flow.get("sets"):
-            ui.show_table(pd.DataFrame([{"set": dd.set_label(k), **{kk: (", ".join(vv) if isinstance(vv, list) else vv)
-                                                                    for kk, vv in v.items()}}
-                                        for k, v in flow["sets"].items()]))
-        if m.get("oracle_auc"):
-            st.caption("Synthetic cohort: oracle (best achievable) AUC per center: "
-                       + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items())
-                       + ("; image-visible signal AUC (ceiling of an image model): "
-                          + ", ".join(f"{k} {v:.3f}" for k, v in m["visible_auc"].items())
-                          if m.get("visible_auc") else ""))
-
-st.subheader("Pages")
-st.markdown("\n".join(f"- **{page}**: {what}" for page, what in dd.PAGES_HELP))
+st.set_page_config(page_title=nav.APP_TITLE, page_icon=nav.APP_ICON, layout="wide")
+st.navigation(nav.st_pages()).run()

@@ -16,6 +16,14 @@ every page warm < 2 s on the paper-size run.
 When the folder has no finished run, a tiny study on the small synthetic cohort
 is run first (``"preset": "small"`` in the output) so that the script always
 measures something.
+
+``--browser`` measures what a user waits for instead: ``streamlit run app.py`` on a
+free port and headless Chromium (Playwright, ``/usr/bin/chromium`` or ``$CHROMIUM``),
+the app loaded once with ``?run=NAME``, then each page opened from the sidebar; a
+page has *settled* when its script has run and stopped and every chart and image is
+drawn. ``cold`` is the first visit, ``warm`` the best of ``--repeat`` visits after
+going elsewhere; ``home.first_load_s`` is the first load of the app (JavaScript
+bundle included). The pages are those of ``nhb_dashboard.nav``.
 """
 
 from __future__ import annotations
@@ -23,21 +31,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nhb_dashboard import nav
 
-PAGES = {"home": None, "cohort": "pages/1_Cohort.py", "launch": "pages/2_Launch.py",
-         "results": "pages/3_Results.py", "saliency": "pages/4_Saliency.py", "predict": "pages/5_Predict.py"}
+REPO = Path(__file__).resolve().parents[1]
+# every page as app.py's st.navigation declares them (None: the default page, Home)
+PAGES = {p.title.lower(): (None if p.default else p.path) for p in nav.page_specs()}
 TARGET_S = 2.0
 
 
 def _ensure_run(runs: Path) -> tuple[Path, str]:
-    from nhb_core import dashboard_data as dd
+    from nhb_dashboard import data as dd
 
     done = dd.finished_runs(runs)
     if done:
@@ -55,15 +62,106 @@ def _ensure_run(runs: Path) -> tuple[Path, str]:
     return run_study(manifest, runs / "bench-small", cfg), "small"
 
 
+# every change of the app's script state, with its time (installed before the app's own scripts)
+_OBSERVER = """window.__states = [];
+new MutationObserver(() => {
+  const e = document.querySelector('[data-test-script-state]');
+  const s = e ? e.getAttribute('data-test-script-state') : null;
+  const last = window.__states[window.__states.length - 1];
+  if (!last || last[1] !== s) window.__states.push([performance.now(), s]);
+}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['data-test-script-state']});"""
+
+# settled: the script ran after t0 and has stopped, every chart is drawn, every image decoded
+_SETTLED = """(t0) => window.__states.some(([t, s]) => t >= t0 && s === 'running')
+    && document.querySelector('[data-test-script-state="notRunning"]') !== null
+    && document.querySelectorAll('.js-plotly-plot').length >= document.querySelectorAll('[data-testid="stPlotlyChart"]').length
+    && Array.from(document.querySelectorAll('[data-testid="stImage"] img')).every(i => i.complete)"""
+
+
+def _browser(runs: Path, run: Path, repeat: int) -> dict:
+    """Per page: seconds from a click on its sidebar link until it has settled in headless Chromium
+    (the app loaded once, as a user moves between pages)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = open(runs / ".bench_pages_streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1"],
+                            cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    pages: dict = {}
+    specs = nav.page_specs()
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            b = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                                   args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            page.add_init_script(_OBSERVER)
+            t0 = page.evaluate("performance.now()")
+            page.goto(f"{base}/?run={run.name}")
+            page.wait_for_function(_SETTLED, arg=t0, timeout=600_000, polling=50)
+            load_s = (page.evaluate("performance.now()") - t0) / 1000
+
+            def visit(spec) -> float:
+                t0 = page.evaluate("performance.now()")
+                page.locator('[data-testid="stSidebarNav"] a', has_text=spec.title).first.click()
+                page.wait_for_function(_SETTLED, arg=t0, timeout=600_000, polling=50)
+                return (page.evaluate("performance.now()") - t0) / 1000
+
+            order = specs[1:] + specs[:1]  # Home last: it was loaded first
+            for spec in order:
+                times = [visit(spec)]
+                for _ in range(max(1, repeat)):
+                    visit(specs[0] if spec is not specs[0] else specs[1])
+                    times.append(visit(spec))
+                errors = page.locator('[data-testid="stException"]').all_inner_texts()
+                pages[spec.title.lower()] = {"cold_s": round(times[0], 3), "warm_s": round(min(times[1:]), 3),
+                                             "ok": not errors and min(times[1:]) < TARGET_S, "errors": errors[:3]}
+                print(spec.title, pages[spec.title.lower()], file=sys.stderr, flush=True)
+            pages["home"]["first_load_s"] = round(load_s, 3)
+            b.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    return {k: pages[k] for k in [s.title.lower() for s in specs] if k in pages}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default=os.environ.get("NHB_RUNS_DIR", "runs"))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--browser", action="store_true", help="time the pages in headless Chromium")
     args = ap.parse_args()
     runs = Path(args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     os.environ["NHB_RUNS_DIR"] = str(runs)
     run, preset = _ensure_run(runs)
+    if args.browser:
+        pages = _browser(runs, run, args.repeat)
+        print(json.dumps({"benchmark": "dashboard_pages_browser", "run": run.name, "preset": preset,
+                          "target_warm_s": TARGET_S, "pages": pages,
+                          "all_warm_under_target": all(p["ok"] for p in pages.values())}))
+        return
 
     from streamlit.testing.v1 import AppTest
 

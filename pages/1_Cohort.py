@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import pandas as pd
+import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import dashboard_ui as ui  # noqa: E402
-from nhb_core import dashboard_data as dd  # noqa: E402
+from nhb_dashboard import data as dd
+from nhb_dashboard import ui
 
 runs = ui.page("Cohort")
 st.title("Cohort")
@@ -50,21 +45,12 @@ def crop_rgb(img: np.ndarray, mask: np.ndarray, scale: int = 3) -> np.ndarray:
 
 mdf = None
 with ui.guard():
-    choices = dd.known_manifests(runs)
-    labels = [lab for lab, _ in choices] + ["another manifest (path)"]
-    first_existing = next((i for i, (_, mp) in enumerate(choices) if mp.is_file()), 0)
-    pick = st.selectbox("Manifest", labels, index=first_existing, key="cohort_manifest")
-    if pick == labels[-1]:
-        typed = st.text_input("Path of a manifest CSV", key="cohort_manifest_path")
-        manifest = Path(typed).expanduser() if typed.strip() else None
-    else:
-        manifest = dict(choices)[pick]
-    if manifest is not None and not manifest.exists() and "synthetic" in pick:
+    choice = ui.manifest_picker(runs, key="cohort_manifest")
+    manifest = choice.path
+    if choice.missing_synthetic:
         st.info("This synthetic cohort has not been generated yet.")
         if st.button("Generate it now", type="primary"):
-            with st.spinner("Generating the synthetic cohort..."):
-                preset = "paper" if "paper" in manifest.parent.name else "small"
-                dd.ensure_synthetic(preset)
+            choice.generate()
             st.rerun()
         st.stop()
     if manifest is None:
@@ -128,6 +114,15 @@ if mdf is not None and len(mdf):
         npg = st.slider("Subjects per group", 1, 8, 4, key="cohort_montage_n")
         picks = dd.montage_picks(mdf, npg, seed=0)
         by_id = mdf.set_index(mdf["subject_id"].astype(str))
+        # each subject's crops cost a volume load + preprocessing (~0.1-0.3 s): count the cold ones
+        keys = [(dd.file_key(by_id.loc[s, "t1_path"]), dd.file_key(by_id.loc[s, "roi_path"]))
+                for ids in picks.values() for s in ids]
+        cold = [k for k in keys if not ui.is_warm("crops", *k)]
+        with ui.steps("Preparing the montage crops", len(cold), show=len(cold) > 3) as prog:
+            for k in cold:
+                subject_crops(k[0], k[1], 64)
+                ui.mark_warm("crops", *k)
+                ui.advance(prog)
         for center in sorted({c for c, _ in picks}):
             st.markdown(f"**Center {ui.md_escape(center)}**")
             left, right = st.columns(2)

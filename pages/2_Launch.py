@@ -9,35 +9,25 @@ the rest of the page responsive.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-import dashboard_ui as ui  # noqa: E402
-from nhb_core import dashboard_data as dd  # noqa: E402
-from nhb_core import jobs  # noqa: E402
-from nhb_core.config import PAPER_MODELS  # noqa: E402
-from nhb_core.runs import list_runs, read_status  # noqa: E402
+from nhb_core import jobs
+from nhb_core.config import PAPER_MODELS
+from nhb_core.runs import list_runs, read_status
+from nhb_dashboard import data as dd
+from nhb_dashboard import ui
 
 runs = ui.page("Launch")
 st.title("Launch a study")
 
 # ------------------------------------------------------------------ the form
 with ui.guard():
-    choices = dd.known_manifests(runs)
-    labels = [lab for lab, _ in choices] + ["another manifest (path)"]
-    first_existing = next((i for i, (_, mp) in enumerate(choices) if mp.is_file()), 0)
-    pick = st.selectbox("Manifest", labels, index=first_existing, key="launch_manifest")
-    if pick == labels[-1]:
-        typed = st.text_input("Path of a manifest CSV", key="launch_manifest_path")
-        manifest = Path(typed).expanduser() if typed.strip() else None
-    else:
-        manifest = dict(choices)[pick]
+    choice = ui.manifest_picker(runs, key="launch_manifest")
+    manifest = choice.path
     centers = dd.manifest_centers(manifest) if manifest is not None and manifest.is_file() else []
-    if manifest is not None and not manifest.is_file() and "synthetic" in pick:
+    if choice.missing_synthetic:
         st.caption("This synthetic cohort does not exist yet: it is generated when you start the study.")
 
     split_unit = st.radio("Split unit", ["subject", "slice"], horizontal=True, key="launch_split",
@@ -73,11 +63,9 @@ with ui.guard():
         elif centers and external and set(external) >= set(centers):
             st.error("Keep at least one center for training: not every center can be external.")
         else:
-            if not manifest.is_file() and manifest in [p for _, p in choices[:2]]:
-                with st.spinner("Generating the synthetic cohort..."):
-                    preset = "paper" if "paper" in manifest.parent.name else "small"
-                    manifest = dd.ensure_synthetic(preset)
-                    centers = dd.manifest_centers(manifest)
+            if choice.missing_synthetic:
+                manifest = choice.generate()
+                centers = dd.manifest_centers(manifest)
             cfg = dd.study_config(models, int(epochs), int(batch), int(size), split_unit, external, int(seed),
                                   device, int(n_gpus), centers=centers)
             run_dir = jobs.submit_study(runs, name, manifest, cfg, max_running=ui.max_running())

@@ -6,18 +6,15 @@ the study); every figure from nhb_core.figures (shared with the HTML report).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import dashboard_ui as ui  # noqa: E402
-from nhb_core import dashboard_data as dd  # noqa: E402
-from nhb_core import figures  # noqa: E402
-from nhb_core.fileio import to_json  # noqa: E402
+from nhb_core import figures
+from nhb_dashboard import data as dd
+from nhb_dashboard import figs
+from nhb_dashboard import ui
 
 runs = ui.page("Results")
 st.title("Results")
@@ -28,11 +25,7 @@ st.title("Results")
 # They are never mutated after creation.
 @st.cache_resource(show_spinner=False, max_entries=128)
 def roc_fig(mkey: tuple, set_name: str, level: str):
-    fig = figures.roc_figure(ui.metrics(Path(mkey[0]).parent), set_name, level)
-    # legend under the square plot so narrow panels keep a readable 0-1 axis
-    fig.update_layout(height=640, legend=dict(orientation="v", x=0, y=-0.16, xanchor="left", yanchor="top",
-                                              bgcolor="rgba(0,0,0,0)"), margin=dict(l=50, r=10, t=50, b=10))
-    return fig
+    return figs.roc(figures.roc_figure(ui.metrics(Path(mkey[0]).parent), set_name, level))
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -40,17 +33,17 @@ def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
     run_dir = Path(mkey[0]).parent
     m = ui.metrics(run_dir) or {}
     pred = ui.predictions(run_dir, set_name, "subjects" if level == "subject" else "slices")
-    return (figures.confusion_figure(m, set_name, level, pred=pred),
-            figures.calibration_figure(m, set_name, level, pred=pred),
-            figures.decision_curve_figure(m, set_name, level, pred=pred))
+    return (figs.confusion(figures.confusion_figure(m, set_name, level, pred=pred)),
+            figs.below_legend(figures.calibration_figure(m, set_name, level, pred=pred)),
+            figs.below_legend(figures.decision_curve_figure(m, set_name, level, pred=pred)))
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def train_fig(keys: tuple, run: str):
     run_dir = Path(run)
     models = dd.run_models(run_dir)
-    return figures.training_figure({m: ui.history(run_dir, m) for m in models if len(ui.history(run_dir, m))},
-                                   models)
+    return figs.training(figures.training_figure(
+        {m: ui.history(run_dir, m) for m in models if len(ui.history(run_dir, m))}, models))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -59,7 +52,16 @@ def metrics_bytes(mkey: tuple) -> bytes:
 
 
 def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
+    """One run; a progress bar while its figures are built the first time in this process."""
     m = ui.metrics(run_dir)
+    n_sets = len([s for s in ((m or {}).get("sets") or {}) if s != "val"])
+    warm = ui.is_warm("results", dd.file_key(run_dir / "metrics.json"), level)
+    with ui.steps(f"Building the figures of {run_dir.name}", n_sets + 2, show=not warm and n_sets > 0) as prog:
+        _render_run(run_dir, m, level, kp, compact, prog)
+    ui.mark_warm("results", dd.file_key(run_dir / "metrics.json"), level)
+
+
+def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> None:
     if not m:
         st.info("This run has no metrics.json yet.")
         return
@@ -86,6 +88,7 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
         cols = st.columns(per_row)
         for c, s in zip(cols, sets[i:i + per_row]):
             c.plotly_chart(roc_fig(mkey, s, level), key=f"{kp}roc_{s}_{level}", width="stretch")
+            ui.advance(prog, f"ROC {dd.set_label(s)}")
 
     st.markdown("#### AUC (95% CI) and threshold metrics")
     tab = dd.auc_table(m, level)
@@ -104,7 +107,7 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     dl = dd.delong_matrix(m, set_pick, level)
     if dl.shape[0] >= 2:
         st.dataframe(dl.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")), width="stretch")
-        st.caption("- : not computed (a model compared with itself, or too few cases of one class).")
+        st.caption("\\- : not computed (a model compared with itself, or too few cases of one class).")
     else:
         st.caption("One model: nothing to compare.")
     rt = dd.reader_table(m, set_pick, level)
@@ -136,6 +139,9 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     pkey = dd.file_key(dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices"))
     if pkey[2] >= 0:
         conf, cal, dca = pred_figs(mkey, pkey, set_pick, level)
+        ui.advance(prog, "confusion, calibration, decision curves")
+        st.markdown(f"#### Confusion matrices at each model's threshold, {ui.md_escape(dd.set_label(set_pick))} "
+                    f"({level} level)")
         st.plotly_chart(conf, key=f"{kp}conf", width="stretch")
         if compact:
             st.plotly_chart(cal, key=f"{kp}cal", width="stretch")
@@ -144,10 +150,13 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
             c1, c2 = st.columns(2)
             c1.plotly_chart(cal, key=f"{kp}cal", width="stretch")
             c2.plotly_chart(dca, key=f"{kp}dca", width="stretch")
+        st.caption("Calibration: observed fraction of injured vs the mean predicted probability (quantile bins, "
+                   "Wilson 95% CI); decision curves: net benefit of treating at each threshold.")
 
     st.markdown("#### Training curves")
     hkeys = tuple(dd.file_key(run_dir / "models" / x / "history.csv") for x in summ["models"])
     st.plotly_chart(train_fig(hkeys, str(run_dir)), key=f"{kp}train", width="stretch")
+    ui.advance(prog, "training curves")
 
     st.markdown("#### Downloads")
     c1, c2, c3 = st.columns(3)

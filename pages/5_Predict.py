@@ -7,18 +7,15 @@ file names are shown as text only and never used as paths.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import dashboard_ui as ui  # noqa: E402
-from nhb_core import dashboard_data as dd  # noqa: E402
-from nhb_core.errors import NHBError  # noqa: E402
+from nhb_core.errors import NHBError
+from nhb_dashboard import data as dd
+from nhb_dashboard import ui
 
 runs = ui.page("Predict")
 st.title("Predict one case")
@@ -26,15 +23,19 @@ st.caption("Upload a T1 (NIfTI .nii/.nii.gz, or a .zip of one DICOM series) and 
            "1 = left GP, 2 = right GP, on the T1's grid). Files are processed in a temporary folder and deleted.")
 
 
-@st.cache_resource(show_spinner="Loading the run's models...", max_entries=4)
-def warm_models(run: str, keys: tuple) -> list[str]:
-    """Load every model of a run once per process (nhb_core.predict keeps them in memory)."""
+def warm_models(run: str, keys: tuple) -> None:
+    """Load every model of a run once per process (nhb_core.predict keeps them in memory), with a
+    progress bar over the models the first time (seconds each)."""
     from nhb_core.predict import load_run_model, run_model_names
 
+    if ui.is_warm("models", run, keys):
+        return
     names = run_model_names(run)
-    for n in names:
-        load_run_model(run, n)
-    return names
+    with ui.steps("Loading the run's models", len(names)) as prog:
+        for n in names:
+            load_run_model(run, n)
+            ui.advance(prog, n)
+    ui.mark_warm("models", run, keys)
 
 
 @st.cache_data(show_spinner="Predicting...", max_entries=32)

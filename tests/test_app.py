@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +18,10 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from nhb_core import jobs  # noqa: E402
 from nhb_core.runs import list_runs, read_status  # noqa: E402
+from nhb_dashboard import nav  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # dashboard_ui.py lives next to app.py
-    sys.path.insert(0, str(REPO))
-PAGES = ["pages/1_Cohort.py", "pages/2_Launch.py", "pages/3_Results.py", "pages/4_Saliency.py", "pages/5_Predict.py"]
+PAGES = nav.page_paths()  # every page but Home, as app.py's st.navigation declares them
 EVIL = "<script>alert(1)</script>"
 
 
@@ -88,8 +86,10 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
     assert run_copy.name in set(table["name"])
     row = table[table["name"] == run_copy.name].iloc[0]
     assert row["status"] == "done"
-    auc_cols = [c for c in table.columns if c.startswith("AUC ")]
-    assert auc_cols and all(0.0 <= float(row[c]) <= 1.0 for c in auc_cols if pd.notna(row[c]))
+    aucs = at.dataframe[1].value  # subject-level AUC: one row per (run, held-out set), one column per model
+    models = [c for c in aucs.columns if c not in ("run", "set")]
+    assert set(aucs["run"]) == {run_copy.name} and models
+    assert all(0.0 <= float(v) <= 1.0 for c in models for v in aucs[c] if pd.notna(v))
 
     # Cohort: the run's manifest, validation, slice browser and montage
     at.switch_page("pages/1_Cohort.py").run()
@@ -222,8 +222,8 @@ def test_save_upload_uses_content_not_names(tmp_path):
     import io
     import zipfile
 
-    from nhb_core import dashboard_data as dd
     from nhb_core.errors import ImageError
+    from nhb_dashboard import data as dd
 
     p = dd.save_upload(gzip.compress(b"x" * 400), "../../etc/passwd", tmp_path, "t1")
     assert p == tmp_path / "t1.nii.gz"
@@ -249,8 +249,8 @@ def test_save_upload_uses_content_not_names(tmp_path):
 
 
 def test_progress_rows_from_events(tmp_path):
-    from nhb_core import dashboard_data as dd
     from nhb_core.runs import append_event, write_status
+    from nhb_dashboard import data as dd
 
     run = tmp_path / "r"
     write_status(run, "running", stage="train")
@@ -271,7 +271,153 @@ def test_progress_rows_from_events(tmp_path):
 
 
 def test_md_escape_neutralises_markdown_and_html():
-    import dashboard_ui as ui
+    from nhb_dashboard import ui
 
     s = ui.md_escape("[x](javascript:alert(1)) <b>*y*</b>")
     assert "<b>" not in s and "](" not in s and "\\<" in s
+
+
+# ----------------------------------------------------------------- navigation and rough edges (issue 13)
+def test_navigation_is_declared_once_and_home_has_a_name(env):
+    """app.py builds st.navigation from nhb_dashboard.nav.PAGES: every page script exists, Home is the
+    default page with a real title and icon (not "app"), and the Home page lists every page."""
+    specs = nav.page_specs()
+    assert [p.default for p in specs].count(True) == 1 and specs[0].default
+    home = specs[0]
+    assert home.title == "Home" and home.icon and home.path != "app.py"
+    for p in specs:
+        assert (REPO / p.path).is_file(), p.path
+    assert len({p.url_path for p in specs}) == len(specs)
+    assert "st.navigation" in (REPO / "app.py").read_text()
+    at = _app().run()
+    _assert_clean(at, "home")
+    listed = "\n".join(m.value for m in at.markdown)
+    for p in specs:
+        assert f"**{p.title}**" in listed, p.title
+
+
+def test_home_tables_fit_whatever_the_number_of_sets_and_models(run_copy):
+    """The runs table has fixed columns (no AUC column per set x model, which pushed the table off the
+    right edge); the AUCs sit in their own table, one row per run and set, one column per model."""
+    from nhb_dashboard import data as dd
+
+    at = _app(timeout=120).run()
+    _assert_clean(at, "home")
+    runs_tab, aucs = at.dataframe[0], at.dataframe[1]
+    assert list(runs_tab.value.columns) == list(dd.RUNS_TABLE_WIDTHS)
+    assert sum(dd.RUNS_TABLE_WIDTHS.values()) <= 800  # the main area of a 1280 px wide window
+    m = __import__("json").loads((run_copy / "metrics.json").read_text())
+    held = [s for s in m["sets"] if s != "val"]
+    assert sorted(aucs.value["set"]) == sorted(dd.set_label(s) for s in held)
+    assert len(aucs.value.columns) <= 2 + len(m["run"]["models"]) + 2  # models (+ baselines), not sets x models
+
+
+def _plotly_specs(at: AppTest) -> list[dict]:
+    import json
+
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def _title(spec: dict) -> str:
+    t = (spec.get("layout") or {}).get("title")
+    return (t.get("text") if isinstance(t, dict) else t) or ""
+
+
+def _record_bars(monkeypatch) -> list:
+    from nhb_dashboard import ui
+
+    bars: list = []
+    real_init = ui.Steps.__init__
+
+    def record(self, label, total):
+        real_init(self, label, total)
+        bars.append(self)
+
+    monkeypatch.setattr(ui.Steps, "__init__", record)
+    return bars
+
+
+def test_results_figures_fit_their_sections(run_copy, monkeypatch):
+    """No figure repeats its section heading ("Training curves" twice); the confusion matrices have no
+    title on top of the model names; the calibration/decision-curve legends sit under the plot. The
+    first render builds the figures under a progress bar; a warm rerun shows none."""
+    bars = _record_bars(monkeypatch)
+    at = _app(timeout=300).run()
+    at.switch_page("pages/3_Results.py").run()
+    _assert_clean(at, "results")
+    built = [b for b in bars if b.label.startswith("Building the figures")]
+    assert len(built) == 1 and built[0].done == built[0].total
+    bars.clear()
+    at.run()
+    assert not bars
+    headings = {m.value.lstrip("#").strip() for m in at.markdown if m.value.startswith("#")}
+    specs = _plotly_specs(at)
+    for sp in specs:
+        assert _title(sp) not in headings, _title(sp)
+    train = next(sp for sp in specs if any(a.get("text") == "validation AUC" for a in sp["layout"].get("annotations", [])))
+    assert not _title(train)
+    conf = next(sp for sp in specs if sp["data"] and sp["data"][0].get("type") == "heatmap")
+    assert not _title(conf) and conf["layout"]["margin"]["t"] >= 60  # room for "model<br>thr 0.xxx"
+    cal = next(sp for sp in specs if any(t.get("name") == "perfect" for t in sp["data"]))
+    assert cal["layout"]["legend"]["orientation"] == "h" and cal["layout"]["legend"]["y"] < 0
+    dca = next(sp for sp in specs if any(t.get("name") == "treat none" for t in sp["data"]))
+    assert dca["layout"]["legend"]["orientation"] == "h"
+
+
+def _page_text(at: AppTest) -> list[str]:
+    out = [e.value for e in list(at.markdown) + list(at.caption)]
+    out += [f"{m.label} {m.value}" for m in at.metric]
+    out += [i.caption for el in at.get("image") for i in el.proto.imgs]
+    for d in at.dataframe:
+        out += [str(v) for v in d.value.astype(str).to_numpy().ravel()]
+    return out
+
+
+def test_saliency_says_why_a_value_is_missing(run_copy, monkeypatch):
+    """An all-zero CAM has no energy share and no faithfulness: the page says why ("no map", "not
+    computed") instead of "nan%" / "None"."""
+    import numpy as np
+
+    from nhb_core import saliency
+
+    real = saliency.cam_for_case
+
+    def zero_cam(*a, **kw):
+        r = dict(real(*a, **kw))
+        r["cam"] = np.zeros_like(r["cam"])
+        r["energy_in_roi"] = float("nan")
+        r.pop("faithfulness", None)
+        r.pop("random_baseline", None)
+        return r
+
+    monkeypatch.setattr(saliency, "cam_for_case", zero_cam)
+    at = _app(timeout=300).run()
+    at.switch_page("pages/4_Saliency.py").run()
+    _assert_clean(at, "saliency")
+    text = _page_text(at)
+    for t in text:
+        assert "nan%" not in t and "None" not in t and t.strip().lower() != "nan", t
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["CAM energy in GP ROI"] == "no map"
+    assert metrics["faithfulness (ROAD drop)"] == "not computed"
+    table = at.dataframe[0].value
+    assert (table["energy in ROI"].str.startswith("no map")).all()
+    assert (table["faithfulness"] == "not computed for this case").all()
+
+
+def test_saliency_cold_cache_shows_progress(run_copy, monkeypatch):
+    """With no map cached (on disk or in memory), the page computes them under a progress bar over the
+    models (seconds each); a warm rerun shows none."""
+    shutil.rmtree(run_copy / "saliency" / "cache", ignore_errors=True)
+    bars = _record_bars(monkeypatch)
+    at = _app(timeout=300).run()
+    at.switch_page("pages/4_Saliency.py").run()
+    _assert_clean(at, "saliency cold")
+    m = __import__("json").loads((run_copy / "metrics.json").read_text())
+    sal = [b for b in bars if b.label.startswith("Computing the saliency maps")]
+    assert len(sal) == 1 and sal[0].total == len(m["run"]["config"]["models"]) + 1
+    assert sal[0].done == sal[0].total
+    bars.clear()
+    at.run()
+    _assert_clean(at, "saliency warm")
+    assert not [b for b in bars if b.label.startswith("Computing the saliency maps")]

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from nhb_core.runs import write_status
+from nhb_dashboard import nav
 
 CHROMIUM = "/usr/bin/chromium"
+URLS = {p.title: p.url_path for p in nav.page_specs()}  # the pages as app.py's st.navigation declares them
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 EVIL = "<script>alert(1)</script>"
@@ -125,15 +127,28 @@ def test_every_page_in_chromium(browser, server, small_run):
         assert any(EVIL in e for e in errs), errs
         assert page.locator("script", has_text="alert(1)").count() == 0
         assert EVIL in page.inner_text("body")
+        # the sidebar names the home page (not "app") and lists every declared page
+        side = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "app" not in side.split() and all(t in side for t in URLS), side
 
-        _open(page, f"{url}/Cohort")
+        # a normal browser width: no table of the Home page runs off its right edge (the AUC columns
+        # of the runs table used to be hidden behind a horizontal scroll)
+        page.set_viewport_size({"width": 1280, "height": 1000})
+        page.wait_for_timeout(1500)
+        widths = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller'))
+                                        .map(s => [s.scrollWidth, s.clientWidth])""")
+        page.screenshot(path=str(ARTIFACTS / "home_1280.png"), full_page=True)
+        assert len(widths) >= 2 and all(sw <= cw + 2 for sw, cw in widths), widths
+        page.set_viewport_size({"width": 1400, "height": 1800})
+
+        _open(page, f"{url}/{URLS['Cohort']}")
         assert not _check_clean(page, "cohort")
-        _open(page, f"{url}/Launch")  # lists recent jobs: only the failed run's line may be an error
+        _open(page, f"{url}/{URLS['Launch']}")  # lists recent jobs: only the failed run's line may be an error
         errs = _check_clean(page, "launch")
         assert errs and all(EVIL in e for e in errs), errs
 
         # Results: one ROC curve per model and set in the plotly data
-        _open(page, f"{url}/Results")
+        _open(page, f"{url}/{URLS['Results']}")
         assert not _check_clean(page, "results")
         page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= %d" % len(sets),
                                timeout=60_000)
@@ -145,14 +160,20 @@ def test_every_page_in_chromium(browser, server, small_run):
             assert sum(n.startswith(f"{m}: AUC") for n in curves) == len(sets)
 
         # Saliency: the Grad-CAM images are shown (decoded, non-empty)
-        _open(page, f"{url}/Saliency")
+        _open(page, f"{url}/{URLS['Saliency']}")
         assert not _check_clean(page, "saliency")
         page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img'))
                                   .filter(i => i.complete && i.naturalWidth > 0).length >= 3""", timeout=120_000)
         caps = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
         assert any("GP crop" in c for c in caps) and any("full axial slice" in c for c in caps), caps
+        body = page.inner_text("body")
+        assert "nan%" not in body and "None" not in body  # a missing value says why
 
-        _open(page, f"{url}/Predict")
+        for title in URLS:  # a page registered later (e.g. Reading) renders cleanly too
+            if title not in ("Home", "Cohort", "Launch", "Results", "Saliency", "Predict"):
+                _open(page, f"{url}/{URLS[title]}")
+                assert not _check_clean(page, title.lower())
+        _open(page, f"{url}/{URLS['Predict']}")
         assert not _check_clean(page, "predict")
         assert dialogs == [], dialogs
     finally:

@@ -676,7 +676,7 @@ def test_study_mrmc_edge_cases(tmp_path):
 
 
 def test_study_run_writes_mrmc_into_metrics_report_and_page_tables(small_run, small_cohort):
-    from nhb_core import dashboard_data as dd
+    from nhb_dashboard import data as dd
     from nhb_core.fileio import read_json
     from nhb_core.report import render_report
 
@@ -722,12 +722,10 @@ def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from nhb_core import dashboard_data as dd
+    from nhb_dashboard import data as dd
     from nhb_core.fileio import read_json
 
     repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
     runs = tmp_path / "runs"
     runs.mkdir()
     monkeypatch.setenv("NHB_RUNS_DIR", str(runs))

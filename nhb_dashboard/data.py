@@ -1,9 +1,9 @@
 """Plain-Python data access for the dashboard pages (no Streamlit here).
 
-The pages in ``app.py`` / ``pages/`` stay thin: they call these functions to
-turn a run folder (see ``docs/design-shared.md``) into tables, and cache the
-results with ``st.cache_data`` keyed on :func:`file_key` (path + mtime + size),
-so an edited file is re-read and an unchanged one never is.
+The pages in ``pages/`` stay thin: they call these functions to turn a run folder
+(see ``docs/design-shared.md``) into tables, and cache the results with
+``st.cache_data`` keyed on :func:`file_key` (path + mtime + size), so an edited file
+is re-read and an unchanged one never is. (Formerly ``nhb_core.dashboard_data``.)
 """
 
 from __future__ import annotations
@@ -21,22 +21,6 @@ from nhb_core.fileio import read_json
 from nhb_core.runs import list_runs, read_events, read_status
 
 STAGE_ORDER = ("queued", "starting", "validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
-
-PAGES_HELP = [
-    ("Home", "Runs table (status, models, sets, AUC per model and set, leakage flag) and the cohort summary of the default study."),
-    ("Cohort", "Validate a manifest (problems by row), center x label counts, slice browser with the GP ROI contour and "
-               "the crops the models see, and a montage of controls vs injured per center."),
-    ("Launch", "Start a study in the background (it survives reloads and restarts), follow live progress per stage "
-               "and model with ETA and the last log lines, cancel it."),
-    ("Results", "One run or two side by side: ROC per site with DeLong bands and reader operating points, AUC table, "
-                "DeLong p-values, reader comparisons (McNemar), confusion matrices, calibration, decision curves, "
-                "training curves and downloads."),
-    ("Saliency", "Grad-CAM (GradCAM, GradCAM++, EigenCAM, LayerCAM) over the GP crop and on the full slice, the three "
-                 "models side by side, CAM energy inside the ROI and faithfulness vs a random map."),
-    ("Predict", "Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
-                "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
-]
-
 
 # ----------------------------------------------------------------- files
 def default_runs_dir() -> Path:
@@ -211,29 +195,56 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
-    """The Home page's runs table, newest first: name, status, models, sets,
-    ``AUC <set> <model>`` columns (subject level), leakage, created, error."""
+    """The Home page's runs table, newest first: name, status, stage, models, sets, leakage,
+    created, error. One row per run and a fixed set of columns (the AUCs are in
+    :func:`auc_overview`), so the table fits a normal browser width however many sets and models."""
+    cols = ["name", "status", "stage", "models", "sets", "leakage", "created", "error"]
     rows = []
     for r in list_runs(runs_dir):
         s = run_summary(r)
-        row = {"name": s["name"], "status": s["status"], "stage": s["stage"],
-               "models": ", ".join(s["models"]), "sets": ", ".join(set_label(x) for x in s["sets"]),
-               "leakage": ("LEAKY (slice split)" if s["leaky"] else "no") if s["leaky"] is not None else "",
-               "created": s["created"], "error": s["error"]}
-        order = {m: i for i, m in enumerate(s["models"])}
+        status = s["status"] + (f" ({s['stage']})" if s["stage"] and s["status"] in ("running", "failed") else "")
+        rows.append({"name": s["name"], "status": status, "stage": s["stage"],
+                     "models": ", ".join(s["models"]),
+                     "sets": ", ".join(set_label(x) for x in s["sets"] if x != "val"),
+                     "leakage": ("LEAKY (slice split)" if s["leaky"] else "no") if s["leaky"] is not None else "",
+                     "created": s["created"], "error": s["error"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+#: the columns the Home page shows and their widths in pixels: together under 800 px, the main
+#: area of a 1280 px wide browser next to the sidebar (the sets are the AUC table's rows)
+RUNS_TABLE_WIDTHS = {"name": 150, "status": 110, "models": 230, "leakage": 130, "created": 150}
+RUNS_TABLE_HELP = {"status": "queued / running (stage) / done / failed / cancelled",
+                   "leakage": "LEAKY: slices of one subject in both train and test"}
+
+#: shorter headers for the cohort table's usual covariates
+PRETTY_COLUMNS = {"nbna": "NBNA", "gestational_age_weeks": "GA (weeks)", "postnatal_age_days": "age (days)",
+                  "tsb_umol_l": "TSB (µmol/L)", "birth_weight_g": "birth weight (g)"}
+
+
+def pretty_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the usual covariate columns renamed for display (:data:`PRETTY_COLUMNS`)."""
+    return df.rename(columns={c: PRETTY_COLUMNS[c] for c in df.columns if c in PRETTY_COLUMNS})
+
+
+def auc_overview(runs_dir: str | os.PathLike) -> pd.DataFrame:
+    """Subject-level AUC of every finished run: one row per (run, held-out set), one column per
+    model (``run, set, <model>...``; models in the order the runs list them). The validation set
+    (model selection) is left out."""
+    rows, models = [], []
+    for r in list_runs(runs_dir):
+        s = run_summary(r)
+        for m in s["models"] + sorted({m for _, m in s["auc"]} - set(s["models"])):
+            if m not in models:
+                models.append(m)
         for set_name in s["sets"]:
-            if set_name == "val":  # model selection set, not a test set
+            if set_name == "val":
                 continue
-            for (sn, model), auc in sorted(s["auc"].items(), key=lambda kv: order.get(kv[0][1], 99)):
-                if sn == set_name:
-                    row[f"AUC {set_label(set_name)} {model}"] = round(auc, 3)
-        rows.append(row)
-    cols = ["name", "status", "stage", "models", "sets", "leakage", "created", "error"]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return pd.DataFrame(columns=cols)
-    auc_cols = [c for c in df.columns if c.startswith("AUC ")]  # first-seen order: set, then model
-    return df[cols[:5] + auc_cols + cols[5:]]
+            aucs = {m: round(a, 3) for (sn, m), a in s["auc"].items() if sn == set_name}
+            if aucs:
+                rows.append({"run": s["name"], "set": set_label(set_name), **aucs})
+    df = pd.DataFrame(rows, columns=["run", "set"] + models)
+    return df[["run", "set"] + [m for m in models if df[m].notna().any()]] if len(df) else df[["run", "set"]]
 
 
 def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
@@ -555,6 +566,14 @@ def known_manifests(runs_dir: str | os.PathLike) -> list[tuple[str, Path]]:
     return out
 
 
+def synthetic_preset(manifest: Optional[str | os.PathLike]) -> Optional[str]:
+    """``"small"`` / ``"paper"`` when ``manifest`` is the dashboard's synthetic cohort of that preset."""
+    if manifest is None:
+        return None
+    p = Path(manifest).expanduser().resolve()
+    return next((k for k in ("small", "paper") if synthetic_manifest_path(k).expanduser().resolve() == p), None)
+
+
 def ensure_synthetic(preset: str = "small", seed: int = 0, progress=None) -> Path:
     """The synthetic cohort's manifest, generated with :func:`nhb_core.synth.synthesize` if absent."""
     p = synthetic_manifest_path(preset)
@@ -706,3 +725,100 @@ def upload_error(err, tmp: str | os.PathLike, shown: dict[str, str]):
 
     return type(err)(fix(err.file), fix(err.problem) or "", fix(err.fix) or "", row=err.row) \
         if isinstance(err, NHBError) else err
+
+
+# ----------------------------------------------------------------- saliency page
+def dataset_index_path(run_dir: str | os.PathLike) -> Path:
+    """``index.csv`` of the slice dataset the run was trained on (``DatasetError`` when none)."""
+    from nhb_core.saliency import run_dataset_dir
+
+    return run_dataset_dir(run_dir) / "index.csv"
+
+
+def load_slice_index(index_csv: str | os.PathLike) -> pd.DataFrame:
+    """The dataset's slices: ``subject_id, center, label, slice_index, roi_voxels`` (those present)."""
+    cols = ["subject_id", "center", "label", "slice_index", "roi_voxels"]
+    df = pd.read_csv(index_csv, dtype={"subject_id": str, "center": str})
+    return df[[c for c in cols if c in df.columns]]
+
+
+def subject_slices(index: pd.DataFrame, subject_id: str) -> list[int]:
+    """A subject's slice indices, the most ROI voxels first (else in slice order)."""
+    key = "roi_voxels" if "roi_voxels" in index.columns else "slice_index"
+    sub = index[index["subject_id"].astype(str) == str(subject_id)]
+    return sub.sort_values(key, ascending=key != "roi_voxels")["slice_index"].astype(int).tolist()
+
+
+def saliency_summary_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "saliency" / "summary.json"
+
+
+def load_saliency_summary(summary_json: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
+    """The study's saliency summary (``saliency/summary.json``) and its per-case table
+    (``cases.csv`` next to it, else the summary's ``cases``)."""
+    s = read_json(summary_json)
+    cases_csv = Path(summary_json).parent / "cases.csv"
+    cases = (pd.read_csv(cases_csv, dtype={"subject_id": str}) if cases_csv.exists()
+             else pd.DataFrame(s.get("cases") or []))
+    return s, cases
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(float(v)))
+
+
+#: Why a saliency number can be missing, as the page says it.
+NO_MAP = "no map: the CAM is all zero (nothing in the image pushes this slice towards injury)"
+NO_FAITHFULNESS = "not computed for this case"
+
+
+def energy_text(energy: Any, digits: int = 0) -> str:
+    """Share of CAM energy in the ROI as a percentage, or why there is none."""
+    return "no map (all-zero CAM)" if _missing(energy) else f"{float(energy):.{digits}%}"
+
+
+def prob_text(p: Any, digits: int = 2) -> str:
+    return "no probability" if _missing(p) else f"{float(p):.{digits}f}"
+
+
+def _num(v: Any, missing: str, digits: int = 3) -> str:
+    return missing if _missing(v) else f"{float(v):.{digits}f}"
+
+
+def saliency_rows(results: dict[str, dict]) -> pd.DataFrame:
+    """The "All models, same slice" table: one row per model, numbers as text with 3 decimals; a
+    missing number says why (never "None" / "nan")."""
+    rows = []
+    for mod, rr in results.items():
+        faith_ok = not (_missing(rr.get("faithfulness")) or _missing(rr.get("random_baseline")))
+        rows.append({"model": mod,
+                     "slice probability": _num(rr.get("prob"), "no probability"),
+                     "energy in ROI": _num(rr.get("energy_in_roi"), "no map (all-zero CAM)"),
+                     "pointing game": ("no map" if _missing(rr.get("energy_in_roi"))
+                                       else "hit" if rr.get("pointing_hit") else "miss"),
+                     "faithfulness": _num(rr.get("faithfulness"), NO_FAITHFULNESS) if faith_ok else NO_FAITHFULNESS,
+                     "random baseline": _num(rr.get("random_baseline"), NO_FAITHFULNESS) if faith_ok
+                     else NO_FAITHFULNESS})
+    return pd.DataFrame(rows, columns=["model", "slice probability", "energy in ROI", "pointing game",
+                                       "faithfulness", "random baseline"])
+
+
+#: what a missing per-model mean means (a column where no case had a value), and shorter headers
+_MEANS_MISSING = {"energy_in_roi": "no map in any case", "energy_x_chance": "no map in any case",
+                  "energy_chance": "no ROI", "pointing_hit_rate": "no map in any case",
+                  "faithfulness": "not computed", "random_baseline": "not computed",
+                  "faithfulness_gain": "not computed", "pointing_chance": "no ROI"}
+_MEANS_HEADERS = {"energy_in_roi": "energy in ROI", "energy_chance": "chance", "energy_x_chance": "x chance",
+                  "pointing_hit_rate": "pointing hits", "pointing_chance": "pointing chance",
+                  "faithfulness": "faithfulness", "random_baseline": "random baseline", "faithfulness_gain": "gain"}
+
+
+def means_table(means: pd.DataFrame) -> pd.DataFrame:
+    """``nhb_core.saliency.saliency_means`` for display: numbers as text with 3 decimals, a missing
+    mean says why (no case of that model had a map / a faithfulness value) instead of "None"."""
+    out = means.copy()
+    for c in out.columns:
+        if c in ("model", "n"):
+            continue
+        out[c] = [_num(v, _MEANS_MISSING.get(c, "not computed")) for v in out[c]]
+    return out.rename(columns=_MEANS_HEADERS)
