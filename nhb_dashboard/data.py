@@ -822,3 +822,24 @@ def means_table(means: pd.DataFrame) -> pd.DataFrame:
             continue
         out[c] = [_num(v, _MEANS_MISSING.get(c, "not computed")) for v in out[c]]
     return out.rename(columns=_MEANS_HEADERS)
+
+
+def seed_summary(run_dir: Path) -> Optional[dict]:
+    """The run's ``seeds.json`` (repeated seeds, ``nhb_core.study.seed_summary``), or None."""
+    p = Path(run_dir) / "seeds.json"
+    if not p.is_file():
+        return None
+    try:
+        return read_json(p)
+    except (OSError, ValueError):
+        return None
+
+
+def seed_table(seeds: dict) -> pd.DataFrame:
+    """One row per (set, model): subject-level AUC mean, SD, min, max over the seeds."""
+    rows = []
+    for s in sort_sets((seeds.get("sets") or {}).keys()):
+        for m, v in seeds["sets"][s].items():
+            rows.append({"set": set_label(s), "model": m, "seeds": v.get("n"), "mean": v.get("mean"),
+                         "SD": v.get("sd"), "min": v.get("min"), "max": v.get("max")})
+    return pd.DataFrame(rows, columns=["set", "model", "seeds", "mean", "SD", "min", "max"])

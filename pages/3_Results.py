@@ -46,6 +46,11 @@ def train_fig(keys: tuple, run: str):
         {m: ui.history(run_dir, m) for m in models if len(ui.history(run_dir, m))}, models))
 
 
+@st.cache_resource(show_spinner=False, max_entries=32)
+def seeds_fig(skey: tuple):
+    return figures.seeds_figure(dd.seed_summary(Path(skey[0]).parent) or {})
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def metrics_bytes(mkey: tuple) -> bytes:
     return Path(mkey[0]).read_bytes()
@@ -101,6 +106,19 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
                    + ("; image-visible signal AUC (the ceiling of an image model): "
                       + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["visible_auc"].items())
                       if m.get("visible_auc") else ""))
+
+    if "si_ratio" in ((m.get("run") or {}).get("baselines") or {}):
+        st.caption("si_ratio: the GP / surroundings signal-intensity ratio (per side and both, logistic regression "
+                   "fitted on the training set), the comparator a radiologist can measure with two ROIs; "
+                   "DeLong p-values below compare every network with it.")
+    seeds = dd.seed_summary(run_dir)
+    if seeds:
+        st.markdown("#### Repeated seeds")
+        st.plotly_chart(seeds_fig(dd.file_key(run_dir / "seeds.json")), key=f"{kp}seeds", width="stretch")
+        ui.show_table(dd.seed_table(seeds), column_config={
+            c: st.column_config.NumberColumn(c, format="%.3f") for c in ("mean", "SD", "min", "max")})
+        st.caption(f"The study repeated with seeds {', '.join(map(str, seeds.get('seeds') or []))} (split and "
+                   "training seeded alike): a difference between models smaller than this spread is not a finding.")
 
     set_pick = st.selectbox("Set for the detailed tables", sets, format_func=dd.set_label, key=f"{kp}set")
     st.markdown("#### DeLong p-values (paired, model vs model)")

@@ -421,3 +421,18 @@ def test_saliency_cold_cache_shows_progress(run_copy, monkeypatch):
     at.run()
     _assert_clean(at, "saliency warm")
     assert not [b for b in bars if b.label.startswith("Computing the saliency maps")]
+
+
+def test_results_shows_seed_spread_and_baseline(run_copy):
+    from nhb_core.fileio import atomic_write_json
+    from nhb_core.study import seed_summary
+
+    atomic_write_json(run_copy / "seeds.json", seed_summary({0: run_copy, 1: run_copy}))
+    at = _app(timeout=300).run()
+    at.switch_page("pages/3_Results.py").run()
+    _assert_clean(at, "results with seeds")
+    headings = [m.value for m in at.markdown if m.value.startswith("#")]
+    assert any("Repeated seeds" in h for h in headings)
+    assert any("si_ratio" in c.value for c in at.caption)
+    tables = [d.value for d in at.dataframe]
+    assert any({"mean", "SD"} <= set(t.columns) for t in tables)
