@@ -165,7 +165,8 @@ def sample_cases(table, n_cases: Optional[int], seed: int, stratify: Sequence[st
         raise ReadingError(None, f"a sample of {n_cases} case(s) is too small", "Ask for at least 2 cases")
     rng = np.random.default_rng(seed)
     keys = [c for c in stratify if c in df.columns]
-    groups = list(df.groupby(keys, sort=True).groups.items()) if keys else [("all", df.index)]
+    groups = (list(df.groupby(keys if len(keys) > 1 else keys[0], sort=True).groups.items()) if keys
+              else [("all", df.index)])
     sizes = np.array([len(ix) for _, ix in groups], dtype=float)
     quota = sizes / sizes.sum() * n_cases
     take = np.floor(quota).astype(int)
@@ -701,12 +702,16 @@ def render_slice_png(sdir: str | os.PathLike, code: str, position: int, view: st
     return _png(_with_contours(_window_u8(img, level, width), labs if roi else None, scale))
 
 
+def _aided_now(sdir, reader_id: str) -> bool:
+    st = reader_state(sdir, reader_id)
+    return bool(st["aided"]) and st["state"] in ("reading", "done")
+
+
 def aid_info(sdir: str | os.PathLike, reader_id: str, code: str, sess: Optional[dict] = None) -> list[dict]:
     """The aided arm's help for one case: ``[{"model", "probability", "threshold"}]``. Refused unless
     the reader's current arm is the aided one (the unaided arm never gets a model output)."""
     sess = sess or load_session(sdir)
-    st = reader_state(sdir, reader_id)
-    if not st["aided"]:
+    if not _aided_now(sdir, reader_id):
         raise ReadingError(None, "model outputs are not shown in this arm", "Read the case unaided")
     c = _case(sess, code)
     out = []
@@ -726,7 +731,7 @@ def render_cam_png(sdir: str | os.PathLike, reader_id: str, code: str, position:
     from nhb_core import saliency
 
     sess = sess or load_session(sdir)
-    if not reader_state(sdir, reader_id)["aided"]:
+    if not _aided_now(sdir, reader_id):
         raise ReadingError(None, "model outputs are not shown in this arm", "Read the case unaided")
     if model not in sess["models"]:
         raise ReadingError(None, "unknown model", "Reload the page")
