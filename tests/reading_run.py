@@ -48,4 +48,6 @@ def build_reading_run(root: Path, n_per_class: int = 6, with_model: bool = False
                                                 "input_size": [32, 32], "preprocessing": cfg.to_dict(),
                                                 "threshold": 0.5, "threshold_level": "subject", "seed": 0})
     atomic_write_json(run / "status.json", {"state": "done"})
+    atomic_write_json(run / "metrics.json", {"run": {"manifest": str(manifest), "config": {"models": [model]}},
+                                             "sets": {}})
     return run
