@@ -35,6 +35,9 @@ PAGES_HELP = [
                  "models side by side, CAM energy inside the ROI and faithfulness vs a random map."),
     ("Predict", "Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
                 "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
+    ("Reading", "Reader studies: create a reading session on a finished run, send each reader a private link "
+                "(blinded 1-5 ratings of cases under random codes, unaided and optionally aided), follow progress, "
+                "close it to write the readings for the MRMC analysis."),
 ]
 
 

@@ -129,3 +129,49 @@ def test_aided_reader_sees_network_output(runs, rrun):
     _clean(at, "aided")
     assert at.metric[0].label == "resnet18" and "aided" in at.caption[1].value
     assert len(at.get("image")) >= 3  # slice, crop, Grad-CAM
+
+
+def test_reader_revision_separate_call_and_states(runs, rrun):
+    sdir = R.create_session(runs, rrun, ["Ann"], n_cases=2, seed=2, allow_revision=True, call_mode="separate",
+                            arms=("unaided", "aided"), washout_days=30)
+    tok = R.load_session(sdir)["readers"][0]["token"]
+    order = R.load_session(sdir)["readers"][0]["order"]["unaided"]
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.query_params["token"] = tok
+    at.run()
+    _clean(at, "separate")
+    c0 = order[0]
+    # a rating without the binary call is not saved
+    at.radio(key=f"rd_rating_{c0}").set_value(2)
+    at.button[0].click().run()
+    assert any("binary call" in w.value for w in at.warning) and not R.load_answers(sdir, "r1", "unaided")
+    at.radio(key=f"rd_call_{c0}").set_value("no")
+    at.button[0].click().run()
+    _clean(at, "separate saved")
+    assert R.load_answers(sdir, "r1", "unaided")[c0]["call"] == 0
+    assert at.subheader[0].value == f"Case {order[1]}"
+    # revise the first answer from the selectbox
+    at.selectbox(key="rd_revise").set_value(c0).run()
+    assert at.subheader[0].value == f"Case {c0}"
+    at.radio(key=f"rd_rating_{c0}").set_value(4)
+    at.radio(key=f"rd_call_{c0}").set_value("yes")
+    at.button[0].click().run()
+    _clean(at, "revised")
+    a = R.load_answers(sdir, "r1", "unaided")[c0]
+    assert (a["rating"], a["call"], a["revisions"]) == (4, 1, 1)
+    assert at.subheader[0].value == f"Case {order[1]}"
+    at.radio(key=f"rd_rating_{order[1]}").set_value(1)
+    at.radio(key=f"rd_call_{order[1]}").set_value("no")
+    at.button[0].click().run()
+    # the aided arm waits for the washout: no images, no model output
+    assert any("washout" in i.value for i in at.info) and not at.get("image") and not at.metric
+    R.close_session(sdir)
+    at.run()
+    assert any("closed" in i.value for i in at.info)
+
+
+def test_readers_only_server_hides_the_owner_part(runs, rrun, monkeypatch):
+    monkeypatch.setenv("NHB_READING_READERS_ONLY", "1")
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    _clean(at, "readers only")
+    assert any("private link" in i.value for i in at.info) and not at.tabs and not at.button
