@@ -515,7 +515,10 @@ def close_session(sdir: str | os.PathLike, now: Optional[float] = None) -> dict:
     arm, every answer with the subject id and truth) and ``readings.csv`` (long format ``reader,
     modality, case_id, truth, rating``, rows sorted by modality, reader, case_id). Idempotent.
 
-    Returns ``{"readings": path, "files": [...], "complete": bool, "n_rows": int}``.
+    Also ``metrics.json``: :func:`session_metrics` (each reader's ROC/AUC, binary metrics, McNemar,
+    kappas, MRMC), or ``{"error": line}`` when they cannot be computed.
+
+    Returns ``{"readings": path, "files": [...], "complete": bool, "n_rows": int, "metrics": path}``.
     """
     import pandas as pd
 
@@ -557,7 +560,13 @@ def close_session(sdir: str | os.PathLike, now: Optional[float] = None) -> dict:
         sess["complete"] = bool(complete)
         sess["readings"] = str(rp)
         _save_session(sess)
-    return {"readings": str(rp), "files": files, "complete": bool(complete), "n_rows": int(len(long))}
+    mp = sdir / "metrics.json"  # each reader's statistics (outside the lock; a failure never blocks closing)
+    try:
+        atomic_write_json(mp, session_metrics(sdir))
+    except Exception as err:  # noqa: BLE001 - e.g. one class absent from a tiny sample
+        atomic_write_json(mp, {"error": " ".join(str(err).split())[:400]})
+    return {"readings": str(rp), "files": files, "complete": bool(complete), "n_rows": int(len(long)),
+            "metrics": str(mp)}
 
 
 def owner_answers(sdir: str | os.PathLike):
@@ -570,6 +579,78 @@ def owner_answers(sdir: str | os.PathLike):
     frames = [pd.read_csv(f, dtype={"case_id": str, "reader": str}) for f in
               sorted((Path(sdir) / "readings").glob("*.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=READER_CSV_COLUMNS)
+
+
+def reader_column(name: str, taken: set) -> str:
+    """A ``reader_*`` column name for a reader (``reader_`` + the name's letters, digits and ``_``; unique)."""
+    base = "reader_" + (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "x")
+    col, k = base, 2
+    while col in taken:
+        col, k = f"{base}_{k}", k + 1
+    taken.add(col)
+    return col
+
+
+def session_metrics(sdir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Each reader's statistics in a session, per arm, as the study computes them for reader columns.
+
+    Per arm, the session's cases with the run's subject-level predictions and one ``reader_<name>``
+    column of 1-5 ratings per reader (NaN = not read) go through ``nhb_core.stats.set_metrics``: each
+    reader's ROC points, AUC with its DeLong CI, the binary metrics of the call rating >= 3 with CIs,
+    McNemar (and paired DeLong) against each network at its threshold, Cohen's kappa per pair and
+    Fleiss' kappa. With a closed session's ``readings.csv``, the networks-vs-readers MRMC on these
+    cases (``stats.mrmc.study_mrmc``). Shaped like metrics.json so ``figures.roc_figure(m, arm)`` and
+    ``dashboard_data.reader_table(m, arm)`` show it.
+
+    Returns
+    -------
+    {"sets": {arm: {"level": {"subject": block}}}, "mrmc": study_mrmc block or None, "reader_columns":
+    {column: name}, "run": {"config": {"models": [..]}}, "notes": [str]}
+    """
+    from nhb_core import stats
+
+    sdir = Path(sdir)
+    sess = load_session(sdir)
+    run = Path(sess["run"])
+    table, _ = _set_table(run, sess["set"])
+    codes = {c["code"]: c for c in sess["cases"]}
+    ids = {c["subject_id"] for c in sess["cases"]}
+    df = table[table["subject_id"].isin(ids)].drop_duplicates("subject_id").reset_index(drop=True)
+    base_cols = {"subject_id", "center", "label", "slice_index", "row"}
+    models = [c for c in df.columns if c not in base_cols and not c.startswith("reader_")
+              and np.issubdtype(df[c].dtype, np.number)]
+    thresholds = {}
+    for m in models:
+        try:
+            thr = read_json(run / "models" / m / "model.json").get("threshold")
+        except (OSError, ValueError):
+            thr = None
+        if thr is not None:
+            thresholds[m] = float(thr)
+    taken: set = set()
+    cols = {r["id"]: reader_column(r["name"], taken) for r in sess["readers"]}
+    out: dict[str, Any] = {"sets": {}, "mrmc": None, "reader_columns": {cols[r["id"]]: r["name"] for r in sess["readers"]},
+                           "run": {"config": {"models": models}}, "notes": []}
+    for arm in sess["arms"]:
+        d = df[["subject_id", "center", "label", *models]].copy()
+        for r in sess["readers"]:
+            ans = load_answers(sdir, r["id"], arm)
+            by_sid = {codes[k]["subject_id"]: float(a["rating"]) for k, a in ans.items()}
+            d[cols[r["id"]]] = d["subject_id"].map(by_sid).astype(float)
+        readers = [c for c in cols.values() if d[c].notna().any()]
+        if not readers:
+            out["notes"].append(f"arm {arm}: no answers yet")
+            continue
+        block = stats.set_metrics(d, "label", models, None, readers, thresholds, seed=seed, n_boot=n_boot)
+        out["sets"][arm] = {"level": {"subject": block}}
+    rp = sdir / "readings.csv"
+    if sess["state"] == "closed" and rp.is_file() and models:
+        try:
+            blk = stats.mrmc.study_mrmc(run / "predictions", rp, models, sets=[sess["set"]])
+            out["mrmc"] = blk.get(sess["set"])
+        except InputError as err:
+            out["notes"].append(f"MRMC: {err.problem}")
+    return out
 
 
 def install_readings(sdir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -231,6 +231,7 @@ def closed_view(sdir: Path, sess: dict) -> None:
     ans = R.owner_answers(sdir)
     st.markdown("**Readings** (one CSV per reader and arm under the session's `readings/` folder)")
     ui.show_table(ans)
+    reader_results(sdir, sess)
     st.download_button("readings.csv (long format: reader, modality, case_id, truth, rating)",
                        (sdir / "readings.csv").read_bytes(), file_name="readings.csv", mime="text/csv")
     st.caption("MRMC of these readings:")
@@ -243,6 +244,59 @@ def closed_view(sdir: Path, sess: dict) -> None:
             dest = R.install_readings(sdir, overwrite=ow)
             st.success("Written:")
             st.code(str(dest), language=None)
+
+
+@st.cache_data(show_spinner="Computing the readers' statistics...", max_entries=32)
+def session_metrics(key: tuple) -> dict:
+    from nhb_core.fileio import read_json
+
+    mp = Path(key[0]).parent / "metrics.json"
+    if mp.is_file():
+        m = read_json(mp)
+        if "error" not in m:
+            return m
+    return R.session_metrics(Path(key[0]).parent)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def roc_fig(key: tuple, arm: str):
+    from nhb_core import figures
+
+    return figures.roc_figure(session_metrics(key), arm, show_oracle=False)
+
+
+def reader_results(sdir: Path, sess: dict) -> None:
+    from nhb_core import stats
+
+    key = dd.file_key(sdir / "readings.csv")
+    m = session_metrics(key)
+    names = m.get("reader_columns") or {}
+    st.markdown("**Each reader's statistics** (ratings 1-5: ROC and AUC with DeLong CI; the call rating >= 3: "
+                "binary metrics and McNemar against each network at its threshold)")
+    for note in m.get("notes") or []:
+        st.caption(ui.md_escape(note))
+    arms = [a for a in sess["arms"] if a in (m.get("sets") or {})]
+    cols = st.columns(max(1, len(arms)))
+    for col, arm in zip(cols, arms):
+        with col:
+            st.markdown(f"*{arm} arm*")
+            tab = dd.reader_table(m, arm)
+            if not tab.empty:
+                tab["reader"] = tab["reader"].map(lambda c: names.get(c, c))
+                ui.show_table(tab)
+            agr = dd.level_block(m, arm, "subject").get("reader_agreement") or {}
+            if agr:
+                def f3(v) -> str:
+                    return "-" if v is None or v != v else f"{float(v):.3f}"
+
+                st.caption(f"Agreement on the calls: Cohen's kappa {f3(agr.get('kappa'))} "
+                           f"({agr.get('kappa_method')}); Fleiss' kappa {f3((agr.get('fleiss') or {}).get('kappa'))}")
+            st.plotly_chart(roc_fig(key, arm), key=f"rd_roc_{sess['id']}_{arm}", width="stretch")
+    if m.get("mrmc"):
+        st.markdown("**MRMC** (Obuchowski-Rockette, Hillis df; random readers and cases)")
+        ui.show_table(stats.mrmc.study_mrmc_table(m["mrmc"]))
+        for note in m["mrmc"].get("notes") or []:
+            st.caption(ui.md_escape(note))
 
 
 def new_session_form() -> None:

@@ -240,3 +240,32 @@ def test_images_are_plain_pngs_and_aided_cam(rrun, runs):
     assert Image.open(io.BytesIO(cam)).format == "PNG"
     with pytest.raises(R.ReadingError):
         R.render_cam_png(s, "r1", code, 0, "resnet18")
+
+
+def test_session_metrics_per_reader(rrun, runs):
+    from nhb_core import stats
+
+    s = R.create_session(runs, rrun, ["Ann", "Bob"], seed=8)
+    sess = R.load_session(s)
+    truth = {c["code"]: c["truth"] for c in sess["cases"]}
+    rng = np.random.default_rng(2)
+    given = {}
+    for r in sess["readers"]:
+        for code in r["order"]["unaided"]:
+            v = int(np.clip(np.round(2.5 + 1.5 * truth[code] + rng.normal(0, 1)), 1, 5))
+            R.save_answer(s, r["id"], code, v)
+            given[(r["name"], code)] = v
+    res = R.close_session(s)
+    m = read_json(res["metrics"])
+    assert m["reader_columns"] == {"reader_Ann": "Ann", "reader_Bob": "Bob"}
+    blk = m["sets"]["unaided"]["level"]["subject"]
+    for col, name in m["reader_columns"].items():
+        rb = blk["readers"][col]
+        y = np.array([truth[c] for c in sess["readers"][0]["order"]["unaided"]])
+        v = np.array([given[(name, c)] for c in sess["readers"][0]["order"]["unaided"]])
+        assert rb["n"] == 12 and rb["scale"] == "rating"
+        assert rb["auc"] == pytest.approx(stats.auc(y, v))
+        assert rb["confusion"]["tp"] == int(((v >= 3) & (y == 1)).sum())
+        assert "mcnemar_p" in rb["vs"]["resnet18"] and len(rb["auc_ci_delong"]) == 2
+    assert blk["reader_agreement"]["pairs"][0]["a"] == "reader_Ann" and "fleiss" in blk["reader_agreement"]
+    assert m["mrmc"] is not None and "resnet18 vs unaided" in m["mrmc"]["comparisons"]

@@ -87,6 +87,9 @@ def test_owner_creates_session_and_sees_progress_only(runs, rrun):
     _clean(at, "owner, closed")
     assert (sdir / "readings.csv").read_text().splitlines()[0] == "reader,modality,case_id,truth,rating"
     assert any("secret-comment" in str(d.value.to_dict()) for d in at.dataframe)
+    assert any("Each reader's statistics" in md.value for md in at.markdown)
+    assert len(at.get("plotly_chart")) == 1  # the unaided arm's ROC (networks and readers)
+    assert (sdir / "metrics.json").is_file()
 
 
 def test_reader_link_worklist_saves_and_leaks_nothing(runs, rrun):
