@@ -141,7 +141,8 @@ def reader_page(token: str) -> None:
             width = st.slider("Window (%)", 10, 200, 100, step=10, key="rd_width") / 100
             roi = st.toggle("GP outline", value=True, key="rd_roi")
             st.caption("Window/level on each slice's intensity range (50 % / 100 % = default). "
-                       "Image left = patient's right, anterior up. Outline: green left GP, orange right GP.")
+                       "Image left = patient's right, anterior up. Whole slice: green outline = left GP, orange = right "
+                       "GP; crop: both GP outlined.")
         c_img.image(slice_png(sdir, code, pos, "full", level, width, roi), caption="whole axial slice",
                     width="stretch")
         c_crop.image(slice_png(sdir, code, pos, "crop", level, width, roi), caption="zoomed GP crop (64 mm)",
