@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import dashboard_ui as ui  # noqa: E402

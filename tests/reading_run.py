@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 
 def build_reading_run(root: Path, n_per_class: int = 6, with_model: bool = False, model: str = "resnet18") -> Path:

@@ -5,7 +5,6 @@ the MRMC analysis reads, and the reader's view never holds identifiers."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

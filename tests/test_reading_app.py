@@ -4,11 +4,9 @@ elements sent to the browser carry no subject id, center, label or (unaided) mod
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("streamlit")
