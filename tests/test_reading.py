@@ -268,3 +268,24 @@ def test_session_metrics_per_reader(rrun, runs):
         assert "mcnemar_p" in rb["vs"]["resnet18"] and len(rb["auc_ci_delong"]) == 2
     assert blk["reader_agreement"]["pairs"][0]["a"] == "reader_Ann" and "fleiss" in blk["reader_agreement"]
     assert m["mrmc"] is not None and "resnet18 vs unaided" in m["mrmc"]["comparisons"]
+
+
+def test_cli_create_progress_close(rrun, runs):
+    from typer.testing import CliRunner
+
+    from nhb_core.cli import app
+
+    cli = CliRunner()
+    r = cli.invoke(app, ["reading-create", "--run", str(rrun), "--runs", str(runs), "--reader", "Ann", "--reader",
+                         "Bob", "--cases", "4", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    sid = r.output.split()[1].rstrip(":")
+    sdir = runs / "reading" / sid
+    tok = R.load_session(sdir)["readers"][0]["token"]
+    assert f"Ann: /Reading?token={tok}" in r.output
+    R.save_answer(sdir, "r1", R.reader_state(sdir, "r1")["next_code"], 2)
+    r = cli.invoke(app, ["reading-progress", "--session", sid, "--runs", str(runs)])
+    assert r.exit_code == 0 and "Ann" in r.output and "reading" in r.output
+    r = cli.invoke(app, ["reading-close", "--session", str(sdir)])
+    assert r.exit_code == 0 and "closed: 1 readings (some readers had not finished)" in r.output
+    assert (sdir / "readings.csv").read_text().count("\n") == 2
