@@ -1,6 +1,7 @@
 """The Reading page in a real browser: `streamlit run app.py` on a free port, headless Chromium
 (Playwright, Debian's chromium). Two readers read at the same time in separate browser contexts
-(their clicks interleaved on one server), one reloads mid-session, both finish every case; the
+(their clicks interleaved on one server), one reloads mid-session, the server restarts, both
+finish every case (20); the
 written readings are exactly what was clicked, and neither the page source nor the websocket
 frames a reader receives hold a subject id, the run, the other reader or a model output.
 Skips where chromium or Playwright is missing (`make browser` installs chromium)."""
@@ -53,37 +54,54 @@ def browser():
         b.close()
 
 
+class Server:
+    """`streamlit run app.py` on a fixed free port; can be stopped and started again (a server restart)."""
+
+    def __init__(self, root: Path, runs: Path):
+        self.root, self.port = root, _free_port()
+        self.env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(root / "data"), OMP_NUM_THREADS="1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = open(root / "streamlit.log", "a")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port",
+                                      str(self.port), "--server.headless", "true", "--server.address", "127.0.0.1"],
+                                     cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(self.url + "/_stcore/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("streamlit exited: " + (self.root / "streamlit.log").read_text()[-2000:])
+                time.sleep(0.5)
+        raise RuntimeError("streamlit did not come up in 120 s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser_reading")
-    run = build_reading_run(root, n_per_class=8)  # 16 subjects, all in the test set
-    runs = run.parent
-    port = _free_port()
-    env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(root / "data"), OMP_NUM_THREADS="1")
-    log = open(root / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    run = build_reading_run(root, n_per_class=10)  # 20 subjects, all in the test set
+    srv = Server(root, run.parent)
+    srv.start()
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("streamlit exited: " + (root / "streamlit.log").read_text()[-2000:])
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("streamlit did not come up in 120 s")
-        yield url, runs, run
+        yield srv, run.parent, run
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        srv.stop()
+        srv.log.close()
 
 
 class Reader:
@@ -105,8 +123,13 @@ class Reader:
 
     def _settle(self, timeout_ms: int = 120_000) -> None:
         self.page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=timeout_ms)
-        self.page.wait_for_function("""() => Array.from(document.querySelectorAll('[data-testid="stImage"] img'))
-                                       .every(i => i.complete)""", timeout=timeout_ms)
+        # a case is on screen with both images decoded, or the reader is done
+        self.page.wait_for_function("""() => {
+            if (document.body.innerText.includes('All your cases are read')) return true;
+            const h = document.querySelector('h3');
+            const imgs = Array.from(document.querySelectorAll('[data-testid="stImage"] img'));
+            return !!h && imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0); }""",
+                                    timeout=timeout_ms)
 
     def open(self) -> None:
         self.page.goto(self.url)
@@ -145,12 +168,13 @@ class Reader:
                                      .filter(i => i.complete && i.naturalWidth > 0).length""")
 
 
-def test_two_readers_concurrently_with_reload(browser, server):
-    url, runs, run = server
+def test_two_readers_concurrently_with_reload_and_restart(browser, server):
+    srv, runs, run = server
+    url = srv.url
     sdir = R.create_session(runs, run, ["Dr Ann Example", "Dr Bob Sample"], seed=7)
     sess = R.load_session(sdir)
     n = sess["n_cases"]
-    assert n == 16
+    assert n == 20
     ann_r, bob_r = sess["readers"]
     ann = Reader(browser, url, ann_r["token"], ann_r["name"])
     bob = Reader(browser, url, bob_r["token"], bob_r["name"])
@@ -169,7 +193,14 @@ def test_two_readers_concurrently_with_reload(browser, server):
                 ann.page.reload()
                 ann.open()
                 assert ann.code() == ann_r["order"]["unaided"][6]
-                assert "6 of 16 readings done" in ann.page.inner_text("body")
+                assert f"6 of {n} readings done" in ann.page.inner_text("body")
+            if i == 11:  # the server restarts: both continue from the files
+                srv.stop()
+                srv.start()
+                for rd, r in ((ann, ann_r), (bob, bob_r)):
+                    rd.open()
+                    assert rd.code() == r["order"]["unaided"][12]
+                    assert f"12 of {n} readings done" in rd.page.inner_text("body")
         for rd in (ann, bob):
             assert "All your cases are read" in rd.page.inner_text("body")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
