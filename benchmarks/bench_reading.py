@@ -9,9 +9,10 @@ Creates a reading session (unaided, one reader) on ``--run`` (a finished run; de
 synthetic 20-subject run built in a temporary folder, no training), opens the reader's link in
 ``streamlit.testing.v1.AppTest`` (the page script's own work: the save under the file lock, reading
 the worklist, the two PNGs of the next case rendered server-side; not the browser's drawing), and
-clicks through every case with a rating. ``cold`` is the first render in the process; ``click_*``
-the clicks after it (each shows a case not seen before, so its T1 volume is read from disk: the
-warm process, not a warm image cache). Also the library alone: ``save_answer`` and rendering.
+clicks through every case with a rating after ``--think`` seconds (the reader looking at the case;
+meanwhile the page pre-renders the next case in a background thread; ``--think 0`` measures a click
+that finds nothing ready: the next case's T1 volume read from disk and both PNGs rendered). ``cold``
+is the first render in the process; ``click_*`` the clicks after it. Also the library alone: ``save_answer`` and rendering.
 Target: a click under 1 s warm on 2 cores. The browser test prints the same figure in chromium.
 """
 
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="a finished run folder (default: a synthetic one)")
     ap.add_argument("--set", default="test")
     ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--think", type=float, default=1.0, help="seconds the reader looks at a case before clicking "
+                    "(the next case is pre-rendered meanwhile); 0 = click at once")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tmp = Path(tempfile.mkdtemp(prefix="nhb-bench-reading-"))
@@ -70,6 +73,7 @@ def main() -> None:
         assert at.subheader[0].value == f"Case {code}", at.subheader[0].value
         at.radio(key=f"rd_rating_{code}").set_value(1 + i % 5)
         at.button[0].click()
+        time.sleep(a.think)
         t = time.perf_counter()
         at.run()
         clicks.append(time.perf_counter() - t)
@@ -91,7 +95,7 @@ def main() -> None:
     warm = clicks[1:] if len(clicks) > 1 else clicks
     q = statistics.quantiles(warm, n=10) if len(warm) >= 2 else warm
     out = {
-        "run": "synthetic" if not a.run else str(run), "cases": len(order), "cpus": os.cpu_count(),
+        "run": "synthetic" if not a.run else str(run), "cases": len(order), "think_s": a.think, "cpus": os.cpu_count(),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "build_s": round(build_s, 2), "cold_s": round(cold, 3),
         "click_median_s": round(statistics.median(warm), 3), "click_p90_s": round(q[-1], 3),

@@ -26,6 +26,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -673,6 +674,9 @@ def install_readings(sdir: str | os.PathLike, overwrite: bool = False) -> Path:
 
 # ----------------------------------------------------------------------------- images
 _VOLS: dict[str, Any] = {}
+_PNGS: "OrderedDict[tuple, bytes]" = OrderedDict()
+_PNG_LOCK = threading.Lock()
+_INFLIGHT: set = set()
 _VOL_LOCK = threading.Lock()
 _DS: dict[tuple, Any] = {}
 
@@ -758,7 +762,56 @@ def render_slice_png(sdir: str | os.PathLike, code: str, position: int, view: st
     """PNG bytes (no metadata) of case ``code``'s GP slice number ``position`` (0-based among its
     GP slices): ``view="full"`` the whole axial T1 slice, ``"crop"`` the dataset's zoomed GP crop;
     window/level on the slice's percentile range; the ROI outline when ``roi``. Radiological
-    orientation (image left = patient's right, anterior up)."""
+    orientation (image left = patient's right, anterior up). Kept in a small in-process cache
+    (filled ahead of the reader by :func:`prefetch`)."""
+    key = (str(sdir), code, int(position), view, round(float(level), 4), round(float(width), 4), bool(roi), int(size_px))
+    with _PNG_LOCK:
+        hit = _PNGS.get(key)
+        if hit is not None:
+            _PNGS.move_to_end(key)
+            return hit
+    png = _render_slice_png(sdir, code, position, view, level, width, roi, size_px, sess)
+    with _PNG_LOCK:
+        _PNGS[key] = png
+        while len(_PNGS) > 512:
+            _PNGS.popitem(last=False)
+    return png
+
+
+def default_position(n_slices: int) -> int:
+    """The GP slice a case opens on (0-based): the middle one."""
+    return (int(n_slices) + 1) // 2 - 1
+
+
+def prefetch(sdir: str | os.PathLike, codes: Sequence[str], level: float = 0.5, width: float = 1.0,
+             roi: bool = True) -> Optional[threading.Thread]:
+    """Render the opening slice (both views) of the next case(s) in a background thread while the
+    reader reads the current one, so that the click on *Save and next case* finds them ready."""
+    job = (str(sdir), tuple(c for c in codes if c), round(float(level), 4), round(float(width), 4), bool(roi))
+    with _PNG_LOCK:
+        if not job[1] or job in _INFLIGHT:
+            return None
+        _INFLIGHT.add(job)
+
+    def work():
+        try:
+            sess = load_session(sdir)
+            for code in job[1]:
+                n = len(_case(sess, code)["slices"])
+                for view in ("full", "crop"):
+                    render_slice_png(sdir, code, default_position(n), view, level, width, roi, sess=sess)
+        except Exception:  # noqa: BLE001 - best effort; the page renders on demand anyway
+            pass
+        finally:
+            with _PNG_LOCK:
+                _INFLIGHT.discard(job)
+
+    t = threading.Thread(target=work, name="nhb-reading-prefetch", daemon=True)
+    t.start()
+    return t
+
+
+def _render_slice_png(sdir, code, position, view, level, width, roi, size_px, sess) -> bytes:
     from nhb_core.saliency import display_slice
 
     sess = sess or load_session(sdir)

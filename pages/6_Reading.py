@@ -91,7 +91,12 @@ def _submit(sdir: str, rid: str, code: str, separate: bool) -> None:
 def reader_page(token: str) -> None:
     st.title("Reading")
     try:
-        sdir_p, rid = R.find_reader(runs, token)
+        cached = st.session_state.get("rd_reader")
+        if cached and cached[0] == token and (Path(cached[1]) / "session.json").is_file():
+            sdir_p, rid = Path(cached[1]), cached[2]
+        else:
+            sdir_p, rid = R.find_reader(runs, token)
+            st.session_state["rd_reader"] = (token, str(sdir_p), rid)
     except R.ReadingError as err:
         st.error(ui.md_escape(f"{err.problem}. {err.fix}."), icon=":material/error:")
         return
@@ -133,7 +138,7 @@ def reader_page(token: str) -> None:
         n = int(state["n_slices"].get(code, 1))
         c_img, c_crop, c_ctl = st.columns([5, 5, 3])
         with c_ctl:
-            pos = st.slider("GP slice", 1, n, (n + 1) // 2, key=f"rd_pos_{code}") - 1 if n > 1 else 0
+            pos = st.slider("GP slice", 1, n, R.default_position(n) + 1, key=f"rd_pos_{code}") - 1 if n > 1 else 0
             if n == 1:
                 st.caption("One GP slice.")
             level = st.slider("Level (%)", 0, 100, 50, step=5, key="rd_level") / 100
@@ -146,6 +151,9 @@ def reader_page(token: str) -> None:
                     width="stretch")
         c_crop.image(slice_png(sdir, code, pos, "crop", level, width, roi), caption="zoomed GP crop (64 mm)",
                      width="stretch")
+        # the next unread case(s), rendered in the background while this one is read
+        rest = [c for c in state["order"] if c not in answered and c != code]
+        R.prefetch(sdir, rest[:1], level, width, roi)
         if state["aided"]:
             st.markdown("**The networks' output** (aided arm)")
             info = R.aid_info(sdir, rid, code)

@@ -231,6 +231,14 @@ def test_images_are_plain_pngs_and_aided_cam(rrun, runs):
     a = np.asarray(Image.open(io.BytesIO(full)))
     assert (a[..., 1] > a[..., 0] + 100).any() or (a[..., 0] > a[..., 2] + 100).any()  # ROI outline colour
     assert R.render_slice_png(s, code, 0, "full", roi=False) != full
+    # prefetch renders the next case's opening slice in the background: the same bytes, from the cache
+    nxt = sess["cases"][1]
+    R.prefetch(s, [nxt["code"]]).join(60)
+    pos = R.default_position(len(nxt["slices"]))
+    key = (str(s), nxt["code"], pos, "full", 0.5, 1.0, True, 384)
+    assert key in R._PNGS
+    R._PNGS.clear()
+    assert R.render_slice_png(s, nxt["code"], pos, "full") == R._PNGS[key]
     assert R.render_slice_png(s, code, 0, "full", level=0.3, width=0.4) != full
     # r2 starts aided: probability and Grad-CAM; r1 (unaided) is refused
     info = R.aid_info(s, "r2", code)
