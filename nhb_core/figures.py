@@ -23,6 +23,9 @@ from plotly.subplots import make_subplots
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 READER_SYMBOLS = ["diamond", "square", "triangle-up", "cross", "star", "x"]
+#: Outline colours of the ROI labels in images (1 = left GP green, 2 = right GP orange).
+ROI_COLOURS = {1: (0, 220, 0), 2: (255, 140, 0)}
+
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
 
 

@@ -597,7 +597,7 @@ def manifest_centers(manifest: str | os.PathLike) -> list[str]:
 
 # ----------------------------------------------------------------- images
 #: ROI contour colours: label 1 (left GP) green, label 2 (right GP) orange, other labels yellow.
-ROI_COLOURS = {1: (0, 220, 0), 2: (255, 140, 0)}
+from nhb_core.figures import ROI_COLOURS  # noqa: E402 - shared with nhb_core.reading
 
 
 def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
