@@ -108,7 +108,8 @@ def run_models(run_dir: str | os.PathLike) -> list[str]:
     if models:
         return models
     mdir = Path(run_dir) / "models"
-    return sorted(p.name for p in mdir.iterdir() if (p / "model.json").exists()) if mdir.is_dir() else []
+    return sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and (p / "model.json").exists()) \
+        if mdir.is_dir() else []
 
 
 def model_json(run_dir: str | os.PathLike, model: str) -> dict:

@@ -359,16 +359,23 @@ class _Study:
                 return _sha_many([mdir / "model.safetensors", mdir / "model.json"])
 
             def do_train(name: str = name, mdir: Path = mdir, key: str = key, fp: str = fp) -> None:
+                # train into models/.<name>.new and swap it in only when done: a failed or
+                # cancelled training never deletes the model it was to replace
+                from nhb_core.safety import inside, safe_rmtree
+
+                inside(rd, mdir, "model folder")
+                new = inside(rd, rd / "models" / f".{name}.new", "model folder")
                 rec = self.cache.get(key)
-                resume = bool(rec.get("resumable")) and mdir.exists()
-                if not resume and mdir.exists():
-                    shutil.rmtree(mdir)  # another config's leftovers
+                resume = bool(rec.get("resumable")) and new.exists()
+                if not resume and new.exists():
+                    safe_rmtree(new, rd)  # another config's leftovers
                 if int(cfg.get("n_gpus") or 1) > 1:
-                    self._train_torchrun(name, mdir, split_path, tkw, resume)
+                    self._train_torchrun(name, new, split_path, tkw, resume)
                 else:
                     from nhb_core.train import train_model
-                    train_model(ds_dir, split_path, name, mdir, TrainConfig(**tkw),
+                    train_model(ds_dir, split_path, name, new, TrainConfig(**tkw),
                                 progress=_tag(self.progress, "train", model=name), resume=resume)
+                _swap_in(new, mdir, rd)
 
             self.stage(key, "train", fp, model_sha, do_train, model=name)
             model_shas[name] = self.cache.get(key)["output_sha256"]
@@ -385,14 +392,17 @@ class _Study:
             return sha256_file(pred_dir)
 
         def do_evaluate() -> None:
-            if pred_dir.exists():
-                shutil.rmtree(pred_dir)
+            from nhb_core.safety import safe_rmtree
+
+            new = rd / ".predictions.new"  # written in full, then swapped in
+            safe_rmtree(new, rd)
             for name in cfg["models"]:
                 self.status("evaluate", name)
-                evaluate_model(rd / "models" / name, ds_dir, split_path, pred_dir,
+                evaluate_model(rd / "models" / name, ds_dir, split_path, new,
                                aggregate=ecfg.get("aggregate", "mean"), batch_size=int(ecfg.get("batch_size", 128)),
                                device=str(cfg.get("device") or "auto"), model_name=name,
                                progress=_tag(self.progress, "evaluate", model=name))
+            _swap_in(new, pred_dir, rd)
 
         self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, ecfg]), preds_sha, do_evaluate)
         pred_sha = self.cache.get("evaluate")["output_sha256"]
@@ -547,6 +557,21 @@ class _Study:
                           method=sal_cfg.get("method", "gradcam"), seed=int(self.cfg["seed"]),
                           with_faithfulness=bool(sal_cfg.get("faithfulness", True)),
                           progress=_tag(self.progress, "saliency"))
+
+
+def _swap_in(new: Path, dest: Path, run_dir: Path) -> None:
+    """Replace folder ``dest`` by the finished folder ``new`` (both inside ``run_dir``): the old
+    one is renamed aside, the new one renamed in, then the old one removed."""
+    from nhb_core.safety import inside, safe_rmtree
+
+    inside(run_dir, new, "folder")
+    inside(run_dir, dest, "folder")
+    old = dest.parent / f".{dest.name}.old"
+    safe_rmtree(old, run_dir)
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    safe_rmtree(old, run_dir)
 
 
 def _pick_cases(subj: "Any", slices: "Any", model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
@@ -805,16 +830,42 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
         if not man.is_file():
             raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
         cfg["manifest"] = str(man)
+        from nhb_core.safety import check_regular_file, max_manifest_bytes
+
+        check_regular_file(man, max_manifest_bytes(), "manifest", "NHB_MAX_MANIFEST_BYTES", error=ManifestError)
+        if str(cfg.get("device") or "auto") not in ("auto", "cpu"):
+            from nhb_core.train import resolve_device
+
+            try:
+                resolve_device(str(cfg["device"]))  # before anything in the run folder changes
+            except ConfigError as err:
+                src = "--device" if (overrides or {}).get("device") else (str(config) if isinstance(
+                    config, (str, os.PathLike)) else "config")
+                raise ConfigError(src, err.problem, err.fix) from None
     except NHBError as err:
-        write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
-        append_log(run_dir, f"failed: {err.line()}")
+        if not (status and status.get("state") == "running" and _pid_alive(status.get("pid"))):
+            write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
+            append_log(run_dir, f"failed: {err.line()}")
         raise
+    from nhb_core.safety import run_lock
+
+    with run_lock(run_dir):
+        return _run_locked(run_dir, status, cfg, man, progress)
+
+
+def _run_locked(run_dir: Path, status: Optional[dict[str, Any]], cfg: dict[str, Any], man: Path,
+                progress: Optional[ProgressCallback]) -> Path:
+    """The body of :func:`run_study`, run while the run folder's lock is held."""
+    status = read_status(run_dir) or status
     mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # a launcher (jobs, torchrun) may have written its pid
     if status and status.get("state") == "running" and status.get("pid") not in (None, *mine):
         pid = status.get("pid")
         if _pid_alive(pid):
             raise RunError(run_dir, f"the run is already running (process {pid})",
                            "Wait for it to finish or cancel it first")
+    from nhb_core.fileio import remove_stale_temps
+
+    remove_stale_temps(run_dir)  # left by a process killed mid-write (we hold the lock: none is ours)
     save_config(cfg, run_dir / "config.yaml")
     write_status(run_dir, "running", stage="validate", pid=os.getpid(), error=None)
     append_log(run_dir, f"study started (pid {os.getpid()}), manifest {man}")
