@@ -342,3 +342,49 @@ def csv_for_people(data: bytes) -> bytes:
 
     df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     return neutralise_csv(df).to_csv(index=False).encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- model.json
+
+
+def check_model_json(mj: Any, path: Any) -> dict[str, Any]:
+    """Validate a ``model.json`` before a model is built from it (:class:`RunError` naming ``path``).
+
+    Known keys with types and ranges: ``architecture``/``timm_name`` plain names, ``in_chans``
+    an integer 1..16 (so a hostile file cannot make a model of gigabytes), ``input_size``
+    two integers 8..1024, ``threshold``/``threshold_slice`` numbers in [0, 1],
+    ``preprocessing`` a mapping.
+    """
+    import math
+
+    fix = "Retrain the model, or restore its model.json from the run it came from"
+    if not isinstance(mj, dict):
+        raise RunError(path, "model.json is not a JSON object", fix)
+    name = mj.get("timm_name") or mj.get("architecture")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RunError(path, f"model.json names no valid architecture ({str(name)[:60]!r})", fix)
+
+    def _int(key: str, lo: int, hi: int, default: Any = None) -> None:
+        v = mj.get(key, default)
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise RunError(path, f"model.json {key} must be an integer from {lo} to {hi}, not {str(v)[:40]!r}", fix)
+
+    def _prob(key: str) -> None:
+        v = mj.get(key)
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise RunError(path, f"model.json {key} must be a number from 0 to 1, not {str(v)[:40]!r}", fix)
+
+    _int("in_chans", 1, 16)
+    _prob("threshold")
+    _prob("threshold_slice")
+    size = mj.get("input_size")
+    if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 2 or
+                             any(isinstance(x, bool) or not isinstance(x, int) or not 8 <= x <= 1024 for x in size)):
+        raise RunError(path, f"model.json input_size must be two integers from 8 to 1024, not {str(size)[:40]}", fix)
+    if mj.get("preprocessing") is not None and not isinstance(mj.get("preprocessing"), dict):
+        raise RunError(path, "model.json preprocessing must be a mapping of options", fix)
+    return mj

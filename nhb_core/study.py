@@ -757,8 +757,10 @@ def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
     out: list[Path] = []
 
     def _csv(df: "pd.DataFrame", name: str) -> None:
-        with atomic_path(tables / name) as tmp:
-            df.to_csv(tmp, index=False)
+        from nhb_core.safety import neutralise_csv
+
+        with atomic_path(tables / name) as tmp:  # for people: no cell a spreadsheet would run as a formula
+            neutralise_csv(df).to_csv(tmp, index=False)
         out.append(tables / name)
 
     _csv(stats.tidy_table(metrics), "metrics.csv")
