@@ -362,8 +362,16 @@ def refresh(runs_dir: str | os.PathLike, max_running: int = DEFAULT_MAX_RUNNING)
             why = _last_error_line(r)
             stage = st2.get("stage") or "?"
             msg = f"the study process (pid {pid}) stopped during stage '{stage}'"
-            if rc is not None:
+            if rc is not None and rc < 0:
+                try:
+                    sig = signal.Signals(-rc).name
+                except ValueError:
+                    sig = f"signal {-rc}"
+                msg += f" killed by {sig} (exit code {rc})"
+            elif rc is not None:
                 msg += f" with exit code {rc}"
+            else:
+                msg += " (exit code unknown: it was not started by this dashboard process)"
             msg += f": {why}" if why else "; see log.txt"
             write_status(r, "failed", error=msg)
             append_log(r, f"marked failed by the dashboard: {msg}")

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import socket
-import warnings
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
@@ -283,8 +283,12 @@ def run_lock(run_dir: Path) -> Iterator[dict[str, Any]]:
         if old and old.get("pid") != os.getpid():
             same_host = old.get("host") == socket.gethostname()
             if not same_host or not _pid_alive(old.get("pid")):
-                warnings.warn(f"{run_dir}: taking over a stale lock left by process {old.get('pid')} on "
-                              f"{old.get('host')} (started {old.get('started')})", stacklevel=3)
+                msg = (f"{run_dir}: taking over a stale lock left by process {old.get('pid')} on "
+                       f"{old.get('host')} (started {old.get('started')}), which no longer holds it")
+                print(f"warning: {msg}", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    from nhb_core.runs import append_log
+                    append_log(run_dir, f"warning: {msg}")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}
         from nhb_core.fileio import atomic_write_json
 

@@ -845,7 +845,9 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
                     config, (str, os.PathLike)) else "config")
                 raise ConfigError(src, err.problem, err.fix) from None
     except NHBError as err:
-        if not (status and status.get("state") == "running" and _pid_alive(status.get("pid"))):
+        # a bad option never touches a finished or running run: its results stay as they were
+        if not (status and (status.get("state") == "done" or
+                            (status.get("state") == "running" and _pid_alive(status.get("pid"))))):
             write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
             append_log(run_dir, f"failed: {err.line()}")
         raise
