@@ -176,14 +176,14 @@ def check_label(value: Any, what: str, source: Any, row: Optional[int] = None, e
     separators, no control characters, no ``.``/``..``, not starting like a formula."""
     s = str(value)
     bad = None
-    if "/" in s or "\\" in s:
+    if s.startswith(FORMULA_CHARS):
+        bad = f"starts with {s[0]!r}, which spreadsheets run as a formula"
+    elif "/" in s or "\\" in s:
         bad = "contains '/' or '\\', which cannot be part of a file name"
     elif s.strip() in (".", ".."):
         bad = "is '.' or '..'"
     elif any(ord(c) < 32 or ord(c) == 127 for c in s):
         bad = "contains a control character (tab, newline, ...)"
-    elif s.startswith(FORMULA_CHARS):
-        bad = f"starts with {s[0]!r}, which spreadsheets run as a formula"
     if bad:
         raise error(source, f"{what} {s[:60]!r} {bad}", f"Rename the {what} (letters, digits, spaces, _ . -)", row=row)
 
@@ -199,12 +199,14 @@ def inside(root: Path, path: Path, what: str = "path") -> Path:
 
 def safe_rmtree(path: Path, root: Path, what: str = "folder") -> None:
     """Remove ``path`` (a folder strictly inside ``root``); refuse anything else."""
+    path = Path(path)
+    if path.is_symlink():  # the link itself goes, never what it points to
+        inside(root, path.parent, what)
+        path.unlink()
+        return
     p = inside(root, path, what)
     if p == Path(root).resolve():
         raise RunError(path, f"refusing to remove the run folder itself as a {what}", "Use plain model names")
-    if Path(path).is_symlink():
-        Path(path).unlink()
-        return
     if p.exists():
         shutil.rmtree(p)
 
@@ -330,9 +332,11 @@ def neutralise_csv(df: "Any") -> "Any":
 
     Numeric columns are untouched (``-0.5`` stays a number); only object/string cells change.
     """
+    import pandas as pd
+
     out = df.copy()
     for c in out.columns:
-        if out[c].dtype == object or str(out[c].dtype).startswith("string"):
+        if out[c].dtype == object or pd.api.types.is_string_dtype(out[c]):
             out[c] = out[c].map(neutralise_cell)
     out.columns = [neutralise_cell(c) if isinstance(c, str) else c for c in out.columns]
     return out
@@ -373,14 +377,14 @@ def check_model_json(mj: Any, path: Any) -> dict[str, Any]:
         if v is None:
             return
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise RunError(path, f"model.json {key} must be an integer from {lo} to {hi}, not {str(v)[:40]!r}", fix)
+            raise RunError(path, f"model.json {key} must be an integer from {lo} to {hi}, not {repr(v)[:40]}", fix)
 
     def _prob(key: str) -> None:
         v = mj.get(key)
         if v is None:
             return
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
-            raise RunError(path, f"model.json {key} must be a number from 0 to 1, not {str(v)[:40]!r}", fix)
+            raise RunError(path, f"model.json {key} must be a number from 0 to 1, not {repr(v)[:40]}", fix)
 
     _int("in_chans", 1, 16)
     _prob("threshold")
