@@ -17,8 +17,11 @@ def _load_yaml(path: Path) -> dict:
 
     if not path.is_file():
         raise ConfigError(path, "the config file does not exist", "Give an existing YAML file")
+    from nhb_core.safety import check_regular_file, max_config_bytes, safe_yaml_load
+
+    check_regular_file(path, max_config_bytes(), "config", "NHB_MAX_CONFIG_BYTES", error=ConfigError)
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        d = safe_yaml_load(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as err:
         raise ConfigError(path, f"not valid YAML ({' '.join(str(err).split())[:120]})", "Fix the YAML syntax") from None
     if not isinstance(d, dict):
