@@ -48,12 +48,16 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 300.0) -> list[Path]:
     """Remove the temporary files :func:`atomic_path` left under ``folder`` (a process killed
-    with SIGKILL mid-write); call it only while holding the folder's lock. Returns them."""
+    with SIGKILL mid-write); call it only while holding the folder's lock. Files younger than
+    ``min_age_s`` are kept (a dashboard process may be writing a cache entry). Returns them."""
+    import time
+
     removed = []
+    now = time.time()
     for p in Path(folder).rglob(".*.tmp*"):
-        if p.is_file() and not p.is_symlink() and _TEMP_RE.match(p.name):
+        if p.is_file() and not p.is_symlink() and _TEMP_RE.match(p.name) and now - p.stat().st_mtime >= min_age_s:
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)

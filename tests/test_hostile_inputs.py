@@ -765,10 +765,13 @@ def test_temp_files_left_by_a_killed_writer_are_cleaned(tmp_path):
     (tmp_path / "models").mkdir()
     stale = [tmp_path / ".config.yaml.a1b2c3d4.tmp.yaml", tmp_path / "models" / ".model.json.zz_99xyz.tmp.json"]
     keep = [tmp_path / ".study.lock", tmp_path / "config.yaml", tmp_path / ".notes.tmp"]
-    for p in stale + keep:
+    fresh = tmp_path / ".status.json.q1w2e3r4.tmp.json"  # maybe being written right now: kept
+    for p in stale + keep + [fresh]:
         p.write_text("x")
+        if p is not fresh:
+            os.utime(p, (time.time() - 3600, time.time() - 3600))
     assert sorted(remove_stale_temps(tmp_path)) == sorted(stale)
-    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep + [fresh]) and not any(p.exists() for p in stale)
 
 
 def test_refresh_of_a_killed_job_keeps_the_signal(tmp_path):
