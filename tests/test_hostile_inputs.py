@@ -795,3 +795,14 @@ def test_refresh_of_a_killed_job_keeps_the_signal(tmp_path):
 def test_nhb_error_lines_stay_one_line():
     err = NHBError("f\nx", "a\nb", "c\rd")
     assert "\n" not in err.line() and "\r" not in err.line()
+
+
+def test_prepare_cache_cleanup_removes_only_its_own_entries(small_cohort, tmp_path):
+    """``prepare --out`` pointed at a folder with a ``cache/`` of the user's files deletes none of them."""
+    from nhb_core.slices import PrepareConfig, prepare
+
+    out = tmp_path / "mine"
+    (out / "cache").mkdir(parents=True)
+    (out / "cache" / "thesis.docx").write_text("years of work")
+    prepare(small_cohort, out, PrepareConfig(size=16), workers=1)
+    assert (out / "cache" / "thesis.docx").read_text() == "years of work"
