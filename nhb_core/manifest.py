@@ -349,11 +349,11 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
             ids[sid] = row
         if not rec["center"]:
             col.add("center is empty", "Fill in the acquisition center of every subject (e.g. A or B)", row=row, column="center")
-        # ids and centers become file names (predictions per center) and spreadsheet cells
+        # centers become file names (predictions per center); both become spreadsheet cells
         for key, what in (("subject_id", "subject_id"), ("center", "center")):
             try:
                 if rec[key]:
-                    check_label(rec[key], what, path, row=row, error=ManifestError)
+                    check_label(rec[key], what, path, row=row, error=ManifestError, path_part=key == "center")
             except ManifestError as err:
                 col.add(err.problem, err.fix, row=row, column=key)
         for key, what, fix_kind in (("t1", "T1", "a NIfTI file or a DICOM series folder"), ("roi", "ROI mask", "a NIfTI mask file")):

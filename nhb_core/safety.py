@@ -171,13 +171,19 @@ def check_name(name: Any, what: str, source: Any, fix: str = "") -> str:
     return s
 
 
-def check_label(value: Any, what: str, source: Any, row: Optional[int] = None, error: type = InputError) -> None:
-    """A label that ends up in file names or spreadsheets (a center, a subject id): no path
-    separators, no control characters, no ``.``/``..``, not starting like a formula."""
+def check_label(value: Any, what: str, source: Any, row: Optional[int] = None, error: type = InputError,
+                path_part: bool = True) -> None:
+    """A label that ends up in spreadsheets (a subject id) and, with ``path_part``, in file names
+    (a center): not starting like a formula, no control characters; with ``path_part`` also no
+    path separators and not ``.``/``..``."""
     s = str(value)
     bad = None
     if s.startswith(FORMULA_CHARS):
         bad = f"starts with {s[0]!r}, which spreadsheets run as a formula"
+    elif not path_part and any(ord(c) < 32 or ord(c) == 127 for c in s):
+        bad = "contains a control character (tab, newline, ...)"
+    elif not path_part:
+        pass
     elif "/" in s or "\\" in s:
         bad = "contains '/' or '\\', which cannot be part of a file name"
     elif s.strip() in (".", ".."):
