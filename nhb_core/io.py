@@ -318,7 +318,8 @@ def load_t1(path: str | os.PathLike) -> Volume:
         except (TypeError, ValueError):
             raise ImageError(path, f"T1 voxel type {raw.dtype} is not numeric", "Export the T1 with a numeric voxel type") from None
         meta = {"format": "nifti", "original_axcodes": axcodes}
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    bad = sum(int(data[i:i + 16].size - np.count_nonzero(np.isfinite(data[i:i + 16])))  # slabs: no full-size mask
+              for i in range(0, data.shape[0], 16)) if data.ndim else int(not np.isfinite(data))
     if bad:
         raise ImageError(path, f"T1 has {bad} NaN or infinite voxel(s)",
                          "Replace them (e.g. by 0) or export the image again from the scanner data")
@@ -369,13 +370,20 @@ def load_roi(path: str | os.PathLike, reference: Volume | None = None, atol_mm: 
     if raw.dtype.kind not in "biuf":
         raise ImageError(path, f"ROI voxel type {raw.dtype} is not numeric", "Save the mask with an integer voxel type")
     if raw.dtype.kind == "f":
-        finite = np.isfinite(raw)
-        if not finite.all():
-            raise ImageError(path, f"ROI mask has {int(raw.size - finite.sum())} NaN or infinite voxel(s)",
+        # checked a slab at a time: no full-size temporaries next to a large float mask
+        n_bad = sum(int(raw[i:i + 16].size - np.count_nonzero(np.isfinite(raw[i:i + 16])))
+                    for i in range(0, raw.shape[0], 16))
+        if n_bad:
+            raise ImageError(path, f"ROI mask has {n_bad} NaN or infinite voxel(s)",
                              "Save the mask with integer labels (0 = background)")
-        frac = raw != np.round(raw)
-        if frac.any():
-            example = float(raw[frac].flat[0])
+        example = None
+        for i in range(0, raw.shape[0], 16):
+            slab = raw[i:i + 16]
+            frac = slab != np.round(slab)
+            if frac.any():
+                example = float(slab[frac].flat[0])
+                break
+        if example is not None:
             raise ImageError(path, f"ROI mask has non-integer values (e.g. {example:g}); it looks like a probability "
                              "map or a mask resampled with linear interpolation",
                              "Threshold it, or resample it with nearest-neighbour interpolation, and save integer labels")

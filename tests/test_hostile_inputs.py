@@ -806,3 +806,25 @@ def test_prepare_cache_cleanup_removes_only_its_own_entries(small_cohort, tmp_pa
     (out / "cache" / "thesis.docx").write_text("years of work")
     prepare(small_cohort, out, PrepareConfig(size=16), workers=1)
     assert (out / "cache" / "thesis.docx").read_text() == "years of work"
+
+
+@pytest.mark.slow
+def test_largest_allowed_volume_stays_under_2_gb(tmp_path):
+    """A 3 MB .nii.gz holding a 512^3 float32 volume (the default limits' largest), read as the
+    T1 and as its own ROI like validate does: peak memory under the issue's 2 GB bound."""
+    p = tmp_path / "big.nii.gz"
+    with gzip.open(p, "wb", compresslevel=1) as fh:
+        fh.write(nifti_header_bytes((512, 512, 512), np.float32))
+        block = np.zeros((512, 512), np.float32)
+        for k in range(512):
+            block[k, 3] = 1.0
+            fh.write(block.tobytes())
+    assert p.stat().st_size < 50_000_000
+    out, rss = run_measured(f"""
+        from nhb_core.io import load_roi, load_t1
+        v = load_t1({str(p)!r})
+        r = load_roi({str(p)!r}, reference=v)
+        print("shape", v.shape, int(r.data.sum()))
+        """)
+    assert f"shape (512, 512, 512) {sum(range(1, 513))}" in out, out  # slab k holds k ones
+    assert rss < 2_000_000, rss
