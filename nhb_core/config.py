@@ -339,6 +339,23 @@ def validate_config(cfg: Mapping[str, Any], source: str = "config", cli: Optiona
         raise ConfigError(source, f"split.test_size + split.val_size = "
                           f"{float(sp.get('test_size', 0.2)) + float(sp.get('val_size', 0.15)):g} leaves no training data",
                           "Make their sum less than 1 (e.g. 0.2 and 0.15)")
+    agg = (cfg.get("evaluate") or {}).get("aggregate")
+    if agg is not None:
+        from nhb_core.evaluate import AGGREGATES
+        if agg not in AGGREGATES:
+            raise ConfigError(source, f"evaluate.aggregate must be one of {', '.join(AGGREGATES)}, not {agg!r}",
+                              "Write e.g. evaluate: {aggregate: mean}")
+    meth = (cfg.get("saliency") or {}).get("method")
+    if meth is not None:
+        from nhb_core.saliency import _ALIASES, METHODS
+        if not isinstance(meth, str) or (meth.lower() not in METHODS and meth.lower() not in _ALIASES):
+            raise ConfigError(source, f"saliency.method must be one of {', '.join(METHODS)}, not {meth!r}",
+                              "Write e.g. saliency: {method: gradcam}")
+    for sec, key in (("saliency", "enabled"), ("saliency", "faithfulness"), ("report", "enabled"),
+                     ("validate", "check_images")):
+        v = (cfg.get(sec) or {}).get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(source, f"{sec}.{key} must be true or false, not {v!r}", f"Write {sec}: {{{key}: true}}")
     dev = cfg.get("device")
     if dev is not None and (not isinstance(dev, str) or not _DEVICE_RE.match(dev)):
         raise ConfigError(src_of.get(("", "device"), source), f"device {dev!r} is not one of auto, cpu, cuda, cuda:N, mps",

@@ -525,6 +525,8 @@ def test_oversized_config_file(tmp_path):
     ("split: {test_size: 0.6, val_size: 0.5}\n", "split.test_size + split.val_size = 1.1 leaves no training data"),
     ("prepare: {size: 100000}\n", "prepare.size = 100000 is out of range"),
     ("train: {augment: maybe}\n", "train.augment must be true or false, not 'maybe'"),
+    ("evaluate: {aggregate: mode}\n", "evaluate.aggregate must be one of mean, median, max, not 'mode'"),
+    ("saliency: {method: magic}\n", "saliency.method must be one of gradcam, gradcam++, eigencam, layercam"),
 ])
 def test_config_errors_come_first_and_name_the_users_file(tmp_path, yaml_text, expected):
     m = tiny_cohort(tmp_path / "cohort")
