@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 
 from nhb_core.errors import ConfigError, DatasetError, DicomError, ImageError, NHBError, RunError
-from nhb_core.io import load_t1, save_nifti
+from nhb_core.io import load_t1
 from test_dicom import write_series
 from test_manifest import AFFINE, edit_manifest, make_cohort
 
