@@ -821,6 +821,7 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
     run_dir = Path(out_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     status = read_status(run_dir)
+    _check_run_folder(run_dir)  # before anything is written there
     try:
         cfg = resolve_config(config, overrides)
         if manifest is None:
@@ -906,6 +907,22 @@ def _run_locked(run_dir: Path, status: Optional[dict[str, Any]], cfg: dict[str, 
     append_log(run_dir, f"study done in {secs:.1f} s")
     emit(study.events, "study", message="done", state="done", seconds=round(secs, 1))
     return run_dir
+
+
+#: what a study writes (and may replace) in its run folder
+_RUN_ENTRIES = ("models", "predictions", "dataset", "tables", "saliency", "metrics.json", "report.html",
+                "split.json", "validation.json")
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Refuse an ``--out`` folder that is not a run folder but holds something a study would
+    replace (a user's own ``models/`` or ``predictions/``): a study never deletes what it did not create."""
+    if (run_dir / "stages.json").exists() or (run_dir / "status.json").exists():
+        return
+    clash = [n for n in _RUN_ENTRIES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if clash:
+        raise RunError(run_dir, f"the folder is not a run folder but holds {', '.join(clash)}, which a study "
+                       "would replace", "Give a new or empty folder as --out")
 
 
 def _pid_alive(pid: Any) -> bool:

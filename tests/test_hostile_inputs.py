@@ -844,3 +844,15 @@ def test_enhanced_file_built_from_the_shared_siemens_series_matches_its_classic_
     a, b = load_t1(src), load_t1(tmp_path / "enh")
     np.testing.assert_array_equal(a.data, b.data)
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_out_folder_holding_a_users_models_is_refused(tmp_path):
+    m = tiny_cohort(tmp_path / "cohort")
+    home = tmp_path / "home"
+    (home / "models" / "resnet18").mkdir(parents=True)
+    (home / "models" / "resnet18" / "mine.pt").write_text("my own model")
+    (home / "predictions").mkdir()
+    before = snapshot(home)
+    r = run_cli("study", "--manifest", m, "--out", home, "--models", "resnet18", "--quiet")
+    assert_one_line(r, "the folder is not a run folder but holds models, predictions", where=f"{home}: ")
+    assert snapshot(home) == before
