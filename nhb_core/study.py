@@ -846,8 +846,10 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
                 raise ConfigError(src, err.problem, err.fix) from None
     except NHBError as err:
         # a bad option never touches a finished or running run: its results stay as they were
+        mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # the launcher (jobs) records the study's own pid
         if not (status and (status.get("state") == "done" or
-                            (status.get("state") == "running" and _pid_alive(status.get("pid"))))):
+                            (status.get("state") == "running" and status.get("pid") not in mine
+                             and _pid_alive(status.get("pid"))))):
             write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
             append_log(run_dir, f"failed: {err.line()}")
         raise
