@@ -856,3 +856,26 @@ def test_out_folder_holding_a_users_models_is_refused(tmp_path):
     r = run_cli("study", "--manifest", m, "--out", home, "--models", "resnet18", "--quiet")
     assert_one_line(r, "the folder is not a run folder but holds models, predictions", where=f"{home}: ")
     assert snapshot(home) == before
+
+
+def test_two_studies_started_together_on_one_folder(run_copy):
+    """Issue 14 item 6: two studies on one --out at the same moment: one runs, the other is refused,
+    and config.yaml, metrics.json and the weights all come from the one that ran."""
+    from nhb_core.config import load_yaml
+    from nhb_core.fileio import read_json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {ep: subprocess.Popen([sys.executable, "-m", "nhb_core", "study", "--out", str(run_copy), "--config",
+                                   str(run_copy / "config.yaml"), "--epochs", str(ep), "--quiet"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for ep in (2, 3)}
+    results = {ep: (p.wait(timeout=900), p.stderr.read()) for ep, p in procs.items()}
+    codes = sorted(rc for rc, _ in results.values())
+    assert codes == [0, 2], results
+    winner = next(ep for ep, (rc, _) in results.items() if rc == 0)
+    loser_err = next(err for rc, err in results.values() if rc == 2)
+    assert "the run folder is locked by another study" in loser_err and "Traceback" not in loser_err
+    assert load_yaml(run_copy / "config.yaml")["train"]["epochs"] == winner
+    assert read_json(run_copy / "metrics.json")["run"]["config"]["train"]["epochs"] == winner
+    hist = pd.read_csv(run_copy / "models" / "resnet18" / "history.csv")
+    assert int(hist["epoch"].max()) <= winner and not (run_copy / ".study.lock.json").exists()
