@@ -879,3 +879,14 @@ def test_two_studies_started_together_on_one_folder(run_copy):
     assert read_json(run_copy / "metrics.json")["run"]["config"]["train"]["epochs"] == winner
     hist = pd.read_csv(run_copy / "models" / "resnet18" / "history.csv")
     assert int(hist["epoch"].max()) <= winner and not (run_copy / ".study.lock.json").exists()
+
+
+def test_train_out_folder_with_a_users_files_is_refused(tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.yaml").write_text("my: own config\n")
+    (out / "split.json").write_text("{}")
+    before = snapshot(tmp_path)
+    r = run_cli("train", "--dataset", tmp_path / "nope", "--split", out / "split.json", "--out", out)
+    assert_one_line(r, "the --out folder holds other files and is not a model folder", where=f"{out}: ")
+    assert snapshot(tmp_path) == before

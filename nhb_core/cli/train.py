@@ -61,6 +61,14 @@ def train_cmd(
     from nhb_core.splits import load_split
     from nhb_core.train import TrainConfig, dist_env, train_model
 
+    out = Path(out)
+    if dist_env().is_main and out.is_dir() and not (out / "status.json").exists() and \
+            any(not p.name.startswith(".") for p in out.iterdir()):
+        from nhb_core.errors import RunError
+
+        # train writes config.yaml, split.json, model.json ... there: never over a user's own files
+        raise RunError(out, "the --out folder holds other files and is not a model folder (no status.json)",
+                       "Give a new or empty folder")
     opts = _load_yaml(config) if config else {}
     for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("patience", patience),
                  ("seed", seed), ("device", device)):
