@@ -3,13 +3,16 @@
 One place for the checks that keep an input from deleting, overwriting or
 exhausting anything:
 
-- :func:`check_name`: a name that becomes a path component (a model, a set, a center)
-  is one plain component (no ``/``, ``\\``, ``..``, control characters).
+- :func:`check_name`: a model name (it becomes ``models/<name>``) is one plain component
+  (letters, digits, ``_ . + -``; no ``/``, ``\\``, ``..``); :func:`check_label`: a center
+  (part of prediction file names) or a subject id (a spreadsheet cell).
 - :func:`inside` / :func:`safe_rmtree`: a derived path must lie inside its run folder
   before anything is written or removed there.
-- :func:`max_voxels`, :func:`max_image_bytes`, :func:`read_limited`, :func:`copy_limited`:
-  resource limits on image reads (``NHB_MAX_VOXELS``, ``NHB_MAX_IMAGE_BYTES``).
-- :func:`safe_yaml_load`: YAML with a size limit and no aliases.
+- :func:`max_voxels`, :func:`max_image_bytes`, :func:`check_image_size`, :func:`copy_limited`,
+  :func:`count_limited`, :func:`check_regular_file`: resource limits on reads
+  (``NHB_MAX_VOXELS``, ``NHB_MAX_IMAGE_BYTES``, ``NHB_MAX_CONFIG_BYTES``, ``NHB_MAX_MANIFEST_BYTES``).
+- :func:`safe_yaml_load`: YAML without aliases (the size limit is checked by the callers).
+- :func:`check_model_json`: a model.json's types and ranges before a model is built.
 - :func:`run_lock`: the exclusive lock of a run folder (``filelock``; the holder's pid
   and host recorded; a stale lock from a dead process is taken over with a warning).
 - :func:`neutralise_csv` / :func:`csv_for_people`: spreadsheet formula injection.
