@@ -46,14 +46,24 @@ def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
                           env=e, cwd=cwd, timeout=600)
 
 
+#: the peak RSS of this process (KiB): VmHWM, which starts afresh at exec (getrusage's ru_maxrss
+#: would carry over the parent's peak from the fork)
+_HWM = ("def _hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'):\n"
+        "            return int(line.split()[1])\n"
+        "    import resource\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n")
+
+
 def run_measured(code: str, env=None) -> tuple[str, int]:
     """Run ``code`` in a fresh Python; returns (its stdout, its peak RSS in KiB).
 
     ``code`` may raise an NHBError: its line is printed as ``ERR <line>``."""
-    script = ("import resource, sys\nfrom nhb_core.errors import NHBError\ntry:\n"
+    script = ("import sys\nfrom nhb_core.errors import NHBError\ntry:\n"
               + textwrap.indent(textwrap.dedent(code), "    ")
               + "\nexcept NHBError as err:\n    print('ERR', err.line())\n"
-              "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+              + _HWM + "print('MAXRSS', _hwm())\n")
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=e, timeout=600,
                        cwd=Path(__file__).resolve().parents[1])
@@ -64,9 +74,9 @@ def run_measured(code: str, env=None) -> tuple[str, int]:
 
 def cli_measured(*args, env=None) -> tuple[int, str, int]:
     """The real CLI in a subprocess that reports its own peak RSS: (exit code, stderr, KiB)."""
-    code = ("import resource, runpy, sys\nsys.argv = ['nhb_core', *sys.argv[1:]]\ntry:\n"
+    code = (_HWM + "import runpy, sys\nsys.argv = ['nhb_core', *sys.argv[1:]]\ntry:\n"
             "    runpy.run_module('nhb_core', run_name='__main__', alter_sys=True)\nfinally:\n"
-            "    sys.stderr.write(f\"\\nMAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n\")\n")
+            "    sys.stderr.write(f\"\\nMAXRSS {_hwm()}\\n\")\n")
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=e,
                        timeout=600, cwd=Path(__file__).resolve().parents[1])
