@@ -281,6 +281,8 @@ def _section_fields(section: str) -> Optional[dict[str, Any]]:
     if section == "stats":
         from nhb_core.stats import study_metrics
         params = inspect.signature(study_metrics).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return None  # takes any option: nothing to check here
         return {k: (p.default if p.default is not p.empty else None) for k, p in params.items()
                 if k not in ("pred_dir", "thresholds", "readers", "progress")}
     return None
