@@ -829,12 +829,12 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
         if manifest is None:
             raise ConfigError("command line", "no manifest given", "Pass --manifest M.csv (or a config with manifest:)")
         man = Path(manifest).expanduser().resolve()
-        if not man.is_file():
-            raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
-        cfg["manifest"] = str(man)
         from nhb_core.safety import check_regular_file, max_manifest_bytes
 
         check_regular_file(man, max_manifest_bytes(), "manifest", "NHB_MAX_MANIFEST_BYTES", error=ManifestError)
+        if not man.is_file():
+            raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
+        cfg["manifest"] = str(man)
         if str(cfg.get("device") or "auto") not in ("auto", "cpu"):
             from nhb_core.train import resolve_device
 

@@ -900,3 +900,8 @@ def test_train_out_folder_with_a_users_files_is_refused(tmp_path):
     r = run_cli("train", "--dataset", tmp_path / "nope", "--split", out / "split.json", "--out", out)
     assert_one_line(r, "the --out folder holds other files and is not a model folder", where=f"{out}: ")
     assert snapshot(tmp_path) == before
+
+
+def test_dev_zero_as_the_study_manifest(tmp_path):
+    r = run_cli("study", "--manifest", "/dev/zero", "--out", tmp_path / "run", "--quiet")
+    assert_one_line(r, "manifest is not a regular file (a device, pipe or socket)", where="/dev/zero: ")
