@@ -93,11 +93,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config file into a dict (``ConfigError`` naming the file when invalid)."""
     import yaml
 
+    from nhb_core.safety import check_regular_file, max_config_bytes, safe_yaml_load
+
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, "config file not found", "Give the path of an existing YAML file")
+    check_regular_file(path, max_config_bytes(), "config", "NHB_MAX_CONFIG_BYTES", error=ConfigError)
     if not path.is_file():
         raise ConfigError(path, "config file not found", "Give the path of an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml_load(path.read_text(encoding="utf-8"), path)
+    except UnicodeDecodeError:
+        raise ConfigError(path, "config is not UTF-8 text", "Save the YAML file as UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         row = mark.line + 1 if mark is not None else None
@@ -121,6 +128,10 @@ def _parse_models(models: Any, source: str) -> list[str]:
         raise ConfigError(source, "'models' is empty", "Name at least one model, e.g. resnet18")
     if len(set(out)) != len(out):
         raise ConfigError(source, f"'models' lists a model twice ({', '.join(out)})", "List each model once")
+    from nhb_core.safety import check_name
+
+    for m in out:  # each name becomes RUNDIR/models/<name>: one plain path component
+        check_name(m, "model name", source, "Use a timm model name such as resnet18")
     return out
 
 
@@ -229,7 +240,8 @@ def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = Non
     if ov:
         raise ConfigError("command line", f"unknown override(s) {', '.join(sorted(ov))}", "Check the options")
 
-    cfg["models"] = _parse_models(cfg["models"], source)
+    cfg["models"] = _parse_models(cfg["models"], "--models" if "models" in (overrides or {}) and
+                                  (overrides or {}).get("models") is not None else source)
     cfg["baselines"] = _parse_baselines(cfg.get("baselines"), source)
     cfg["seeds"] = _parse_seeds(cfg.get("seeds"), source)
     if cfg["seeds"]:
@@ -255,8 +267,167 @@ def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = Non
         cfg["split"]["dev_centers"] = [c.strip() for c in dc.split(",") if c.strip()]
     ep = cfg["train"].get("epochs")
     if ep is not None and (not isinstance(ep, int) or ep < 1):
-        raise ConfigError(source, f"train.epochs must be a positive integer, not {ep!r}", "Write e.g. epochs: 10")
+        raise ConfigError("--epochs" if (overrides or {}).get("epochs") is not None else source,
+                          f"train.epochs must be a positive integer, not {ep!r}", "Write e.g. epochs: 10")
+    validate_config(cfg, source, cli={k for k, v in (overrides or {}).items() if v is not None})
     return cfg
+
+
+# ----------------------------------------------------------------------------- up-front validation
+
+#: (section, key) -> (type, low, high) range checks done before any work starts.
+_RANGES: dict[tuple[str, str], tuple[type, float, float]] = {
+    ("prepare", "size"): (int, 8, 1024),
+    ("prepare", "crop_mm"): (float, 1, 1000),
+    ("split", "test_size"): (float, 0, 1),
+    ("split", "val_size"): (float, 0, 1),
+    ("train", "epochs"): (int, 1, 100000),
+    ("train", "batch_size"): (int, 1, 65536),
+    ("train", "eval_batch_size"): (int, 1, 65536),
+    ("train", "lr"): (float, 0, 10),
+    ("train", "patience"): (int, 0, 100000),
+    ("train", "num_workers"): (int, 0, 256),
+    ("evaluate", "batch_size"): (int, 1, 65536),
+    ("stats", "n_boot"): (int, 0, 1_000_000),
+    ("stats", "level"): (float, 0, 1),
+    ("saliency", "n_cases"): (int, 0, 1000),
+    ("validate", "nbna_threshold"): (float, 0, 1000),
+}
+
+#: where a value given on the command line comes from (for the message)
+_CLI_NAMES = {"epochs": ("train", "epochs"), "seed": ("", "seed"), "n_gpus": ("", "n_gpus"),
+              "device": ("", "device"), "n_boot": ("stats", "n_boot"), "split_unit": ("split", "unit")}
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is dict:
+        return isinstance(value, Mapping)
+    return True
+
+
+def _section_fields(section: str) -> Optional[dict[str, Any]]:
+    """Field name -> default of the dataclass (or function) behind an open section, or None."""
+    import dataclasses
+    import inspect
+
+    if section == "prepare":
+        from nhb_core.slices import PrepareConfig
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(PrepareConfig)} | {"workers": None}
+    if section == "train":
+        from nhb_core.train import TrainConfig
+        out = {}
+        for f in dataclasses.fields(TrainConfig):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+            else:
+                out[f.name] = None
+        return out
+    if section == "stats":
+        from nhb_core.stats import study_metrics
+        params = inspect.signature(study_metrics).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return None  # takes any option: nothing to check here
+        return {k: (p.default if p.default is not p.empty else None) for k, p in params.items()
+                if k not in ("pred_dir", "thresholds", "readers", "progress")}
+    return None
+
+
+def validate_config(cfg: Mapping[str, Any], source: str = "config", cli: Optional[set] = None) -> None:
+    """Check a resolved config's keys, types and ranges; one :class:`ConfigError` naming ``source``.
+
+    Runs before any work starts (``resolve_config`` calls it), so a bad ``stats.n_boot`` or an
+    unknown ``train.`` key is reported against the user's file, not after training. Values given
+    on the command line (``cli``: override names) are reported against their option.
+    """
+    cli = cli or set()
+    src_of = {v: f"--{k.replace('_', '-')}" for k, v in _CLI_NAMES.items() if k in cli}
+    for section in ("prepare", "train", "stats"):
+        fields = _section_fields(section)
+        if fields is None:
+            continue
+        sec = cfg.get(section) or {}
+        bad = sorted(set(sec) - set(fields))
+        if bad:
+            raise ConfigError(source, f"unknown option(s) {', '.join(repr(f'{section}.{b}') for b in bad)}",
+                              f"Valid {section} options: {', '.join(sorted(fields))}")
+        for k, v in sec.items():
+            default = fields.get(k)
+            if v is None or default is None:
+                continue
+            kind = bool if isinstance(default, bool) else int if isinstance(default, int) else \
+                float if isinstance(default, float) else str if isinstance(default, str) else \
+                dict if isinstance(default, dict) else None
+            if kind is float and isinstance(default, int):
+                kind = int
+            if kind is not None and not _type_ok(v, kind):
+                raise ConfigError(src_of.get((section, k), source),
+                                  f"{section}.{k} must be {_KIND_WORDS[kind]}, not {v!r}",
+                                  f"Write e.g. {section}: {{{k}: {default!r}}}".replace("True", "true")
+                                  .replace("False", "false"))
+    for (section, k), (kind, lo, hi) in _RANGES.items():
+        v = (cfg.get(section) or {}).get(k)
+        if v is None:
+            continue
+        where = src_of.get((section, k), source)
+        if not _type_ok(v, kind):
+            raise ConfigError(where, f"{section}.{k} must be {_KIND_WORDS[kind]}, not {v!r}",
+                              f"Write a number between {lo:g} and {hi:g}")
+        open_range = (section, k) in (("split", "test_size"), ("split", "val_size"), ("stats", "level"),
+                                      ("train", "lr"))
+        if (v <= lo or v >= hi) if open_range else (v < lo or v > hi):
+            raise ConfigError(where, f"{section}.{k} = {v!r} is out of range "
+                              f"({'between' if open_range else 'from'} {lo:g} {'and' if open_range else 'to'} {hi:g})",
+                              f"Give a value {'strictly between' if open_range else 'from'} {lo:g} "
+                              f"{'and' if open_range else 'to'} {hi:g}")
+    sp = cfg.get("split") or {}
+    if _type_ok(sp.get("test_size", 0.2), float) and _type_ok(sp.get("val_size", 0.15), float) \
+            and float(sp.get("test_size", 0.2)) + float(sp.get("val_size", 0.15)) >= 1:
+        raise ConfigError(source, f"split.test_size + split.val_size = "
+                          f"{float(sp.get('test_size', 0.2)) + float(sp.get('val_size', 0.15)):g} leaves no training data",
+                          "Make their sum less than 1 (e.g. 0.2 and 0.15)")
+    agg = (cfg.get("evaluate") or {}).get("aggregate")
+    if agg is not None:
+        from nhb_core.evaluate import AGGREGATES
+        if agg not in AGGREGATES:
+            raise ConfigError(source, f"evaluate.aggregate must be one of {', '.join(AGGREGATES)}, not {agg!r}",
+                              "Write e.g. evaluate: {aggregate: mean}")
+    meth = (cfg.get("saliency") or {}).get("method")
+    if meth is not None:
+        from nhb_core.saliency import _ALIASES, METHODS
+        if not isinstance(meth, str) or (meth.lower() not in METHODS and meth.lower() not in _ALIASES):
+            raise ConfigError(source, f"saliency.method must be one of {', '.join(METHODS)}, not {meth!r}",
+                              "Write e.g. saliency: {method: gradcam}")
+    for sec, key in (("saliency", "enabled"), ("saliency", "faithfulness"), ("report", "enabled"),
+                     ("validate", "check_images")):
+        v = (cfg.get(sec) or {}).get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(source, f"{sec}.{key} must be true or false, not {v!r}", f"Write {sec}: {{{key}: true}}")
+    dev = cfg.get("device")
+    if dev is not None and (not isinstance(dev, str) or not _DEVICE_RE.match(dev)):
+        raise ConfigError(src_of.get(("", "device"), source), f"device {dev!r} is not one of auto, cpu, cuda, cuda:N, mps",
+                          "Write e.g. device: cpu")
+    name = cfg.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 200):
+        raise ConfigError(source, "'name' must be a short text (at most 200 characters)", "Write e.g. name: my study")
+    dc = (cfg.get("split") or {}).get("dev_centers")
+    if dc is not None and (not isinstance(dc, list) or not all(isinstance(c, (str, int)) for c in dc)):
+        raise ConfigError(source, f"split.dev_centers must be a list of center names, not {dc!r}",
+                          "Write e.g. split: {dev_centers: [A]}")
+
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a text", dict: "a mapping"}
+_DEVICE_RE = __import__("re").compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
 def to_yaml(cfg: Mapping[str, Any]) -> str:

@@ -32,7 +32,15 @@ SUBJECT_KEYS = ["subject_id", "center", "label"]
 
 
 def set_file_stem(set_name: str) -> str:
-    """``"external:B"`` -> ``"external_B"`` (file-name form of a set name)."""
+    """``"external:B"`` -> ``"external_B"`` (file-name form of a set name).
+
+    A set name that is not one plain file-name component (a center with ``/``, ``..``,
+    a control character) is a :class:`~nhb_core.errors.DatasetError`: it would write
+    outside the predictions folder or silently drop the set.
+    """
+    from nhb_core.safety import check_label
+
+    check_label(str(set_name).split(":", 1)[-1], "center (set) name", "split.json", error=DatasetError)
     return str(set_name).replace(":", "_")
 
 
@@ -231,6 +239,9 @@ def write_predictions(score_rows, name: str, ds, split: dict, out_dir: Union[str
         if subj_readers is not None:
             sub = sub.merge(subj_readers, on="subject_id", how="left")
         stem = set_file_stem(set_name)
+        from nhb_core.safety import inside
+
+        inside(out, out / f"{stem}__slices.csv", "predictions file")
         _merge_write(out / f"{stem}__slices.csv", sl, SLICE_KEYS, name)
         _merge_write(out / f"{stem}__subjects.csv", sub, SUBJECT_KEYS, name)
         result[set_name] = out / f"{stem}__subjects.csv"

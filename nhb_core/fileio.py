@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,11 +35,47 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(OSError):  # mkstemp makes 0600; outputs follow the umask like open()
+            if tmp_path.is_file():
+                os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 300.0) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left under ``folder`` (a process killed
+    with SIGKILL mid-write); call it only while holding the folder's lock. Files younger than
+    ``min_age_s`` are kept (a dashboard process may be writing a cache entry). Returns them."""
+    import time
+
+    removed = []
+    now = time.time()
+    for p in Path(folder).rglob(".*.tmp*"):
+        if p.is_file() and not p.is_symlink() and _TEMP_RE.match(p.name) and now - p.stat().st_mtime >= min_age_s:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, only where /proc is missing
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:

@@ -143,6 +143,7 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
             magic = fh.read(2)
         if magic != b"\x1f\x8b":
             raise ImageError(path, f"{what} file is named .gz but is not gzip-compressed (not a NIfTI file)", fix_export)
+    _check_nifti_header_size(path, what)
     try:
         img = nib.load(str(path), mmap=False)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
@@ -186,6 +187,46 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[st
     return data, affine, axcodes
 
 
+#: largest NIfTI vox_offset (header + extensions) read before the voxels
+_MAX_NIFTI_OFFSET = 16 << 20
+
+
+def _check_nifti_header_size(path: Path, what: str) -> None:
+    """Check the shape and voxel type a NIfTI header declares against the limits
+    (``nhb_core.safety``) before nibabel reads anything past the header."""
+    import struct
+
+    from nhb_core.safety import check_image_size
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
+        return  # nibabel's own error path reports it
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "hh", head[70:74])
+            offset = struct.unpack(endian + "f", head[108:112])[0]
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(endian + "hh", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        return  # not a NIfTI header: nibabel says so
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7:
+        return
+    shape = tuple(max(int(d), 0) for d in dims[1:1 + ndim])
+    check_image_size(path, shape, max(int(bitpix), 8) // 8, what)
+    if not (offset == offset) or offset > _MAX_NIFTI_OFFSET:
+        raise ImageError(path, f"{what} header declares {offset:.0f} bytes of header extensions before the voxels",
+                         "Export the image again as plain NIfTI (e.g. with dcm2niix)")
+
+
 def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip axes to the closest RAS+ orientation (no resampling)."""
     ornt = nib.orientations.io_orientation(affine)
@@ -212,9 +253,12 @@ def _diagnose_nifti(path: Path, need: int = 348) -> str | None:
     ``need``: the bytes a complete (uncompressed) file holds (348 = the header alone).
     """
     if path.name.lower().endswith(".gz"):
+        from nhb_core.safety import count_limited, max_image_bytes
+
         try:
             with gzip.open(path, "rb") as fh:
-                n = len(fh.read())
+                # a running count (never the whole stream in memory), bounded by the image limits
+                n = count_limited(fh, max(need, max_image_bytes() + _MAX_NIFTI_OFFSET))
         except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
             return f"truncated or corrupt ({_short(err, path)})"
     else:
@@ -274,7 +318,8 @@ def load_t1(path: str | os.PathLike) -> Volume:
         except (TypeError, ValueError):
             raise ImageError(path, f"T1 voxel type {raw.dtype} is not numeric", "Export the T1 with a numeric voxel type") from None
         meta = {"format": "nifti", "original_axcodes": axcodes}
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    bad = sum(int(data[i:i + 16].size - np.count_nonzero(np.isfinite(data[i:i + 16])))  # slabs: no full-size mask
+              for i in range(0, data.shape[0], 16)) if data.ndim else int(not np.isfinite(data))
     if bad:
         raise ImageError(path, f"T1 has {bad} NaN or infinite voxel(s)",
                          "Replace them (e.g. by 0) or export the image again from the scanner data")
@@ -325,13 +370,20 @@ def load_roi(path: str | os.PathLike, reference: Volume | None = None, atol_mm: 
     if raw.dtype.kind not in "biuf":
         raise ImageError(path, f"ROI voxel type {raw.dtype} is not numeric", "Save the mask with an integer voxel type")
     if raw.dtype.kind == "f":
-        finite = np.isfinite(raw)
-        if not finite.all():
-            raise ImageError(path, f"ROI mask has {int(raw.size - finite.sum())} NaN or infinite voxel(s)",
+        # checked a slab at a time: no full-size temporaries next to a large float mask
+        n_bad = sum(int(raw[i:i + 16].size - np.count_nonzero(np.isfinite(raw[i:i + 16])))
+                    for i in range(0, raw.shape[0], 16))
+        if n_bad:
+            raise ImageError(path, f"ROI mask has {n_bad} NaN or infinite voxel(s)",
                              "Save the mask with integer labels (0 = background)")
-        frac = raw != np.round(raw)
-        if frac.any():
-            example = float(raw[frac].flat[0])
+        example = None
+        for i in range(0, raw.shape[0], 16):
+            slab = raw[i:i + 16]
+            frac = slab != np.round(slab)
+            if frac.any():
+                example = float(slab[frac].flat[0])
+                break
+        if example is not None:
             raise ImageError(path, f"ROI mask has non-integer values (e.g. {example:g}); it looks like a probability "
                              "map or a mask resampled with linear interpolation",
                              "Threshold it, or resample it with nearest-neighbour interpolation, and save integer labels")
@@ -382,26 +434,55 @@ def _dicom_candidates(folder: Path) -> list[Path]:
                   and p.name.lower() not in _SKIP_NAMES)
 
 
+_FIX_COPY = "Copy the series again from the scanner or PACS (the file is incomplete)"
+
+
+def _has_dicm_preamble(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _is_gzip(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
 def _read_header(p: Path):
+    """The header of one candidate file, None when it is not DICOM (a README, notes, ...).
+
+    A file that claims to be DICOM (the ``DICM`` preamble, or a .dcm/.ima name) and does
+    not read is a :class:`DicomError` naming it: silently skipping it would load the
+    series one slice short.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    claims = _has_dicm_preamble(p) or p.suffix.lower() in (".dcm", ".ima")
     try:
         return pydicom.dcmread(str(p), stop_before_pixels=True)
     except InvalidDicomError:
-        if p.suffix.lower() in (".dcm", ".ima"):
+        if claims:
             # some exports omit the 128-byte preamble; only then try harder
             try:
                 ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=True)
             except Exception:
-                raise DicomError(p, "file is named .dcm but is not readable DICOM", "Remove it from the series folder") from None
+                raise DicomError(p, "file looks like DICOM but is not readable DICOM (truncated or corrupt)",
+                                 _FIX_COPY + ", or remove the file from the series folder") from None
             if "Rows" in ds:
                 return ds
-            raise DicomError(p, "file is named .dcm but is not readable DICOM", "Remove it from the series folder")
+            raise DicomError(p, "file looks like DICOM but is not readable DICOM (truncated or corrupt)",
+                             _FIX_COPY + ", or remove the file from the series folder")
         return None
     except Exception as err:
-        if p.suffix.lower() in (".dcm", ".ima"):
-            raise DicomError(p, f"DICOM file is truncated or corrupt ({_short(err)})", "Copy the series again from PACS") from None
+        if claims:
+            raise DicomError(p, f"DICOM file is truncated or corrupt ({_short(err, p)})", _FIX_COPY) from None
         return None
 
 
@@ -417,22 +498,41 @@ def _floats(ds, key: str, n: int, fname: str, folder: Path) -> np.ndarray:
     return arr
 
 
+def _series_facts(items: list) -> str:
+    """What tells one series of a mixed folder from another (never patient identifiers)."""
+    ds0 = items[0][1]
+    desc = str(ds0.get("SeriesDescription", "") or "no description")
+    facts = [f"{len(items)} files" if len(items) != 1 else "1 file"]
+    t = ds0.get("AcquisitionTime") or ds0.get("SeriesTime")
+    if t:
+        t = str(t)
+        facts.append(f"acquired {t[0:2]}:{t[2:4]}:{t[4:6]}" if len(t) >= 6 and t[:6].isdigit() else f"time {t[:16]}")
+    uid = str(ds0.get("SeriesInstanceUID", "") or "")
+    if uid:
+        facts.append(f"UID ending {uid[-8:].lstrip('.')}")
+    return f"series {ds0.get('SeriesNumber', '?')} '{desc}' ({', '.join(facts)})"
+
+
 def _read_dicom_series(folder: Path) -> Volume:
     """Assemble one DICOM series folder into a RAS+ float32 volume (see :func:`load_t1`)."""
-    fix_pacs = "Export the complete series again from the scanner or PACS"
     headers = []
-    for p in _dicom_candidates(folder):
+    candidates = _dicom_candidates(folder)
+    for p in candidates:
         ds = _read_header(p)
         if ds is None:
             continue  # not DICOM (README, notes, ...)
         if "Rows" not in ds or "Columns" not in ds:
             sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
             if sop is not None and "Image Storage" in getattr(sop, "name", ""):
-                raise DicomError(folder, f"{p.name} is truncated or corrupt (an image file without image header)",
-                                 "Copy the series again from the scanner or PACS")
+                raise DicomError(p, "DICOM file is truncated or corrupt (an image file without image header)",
+                                 _FIX_COPY)
             continue  # a non-image DICOM object (DICOMDIR, structured report, ...)
         headers.append((p, ds))
     if not headers:
+        gz = [p for p in candidates if _is_gzip(p)]
+        if gz:
+            raise DicomError(folder, f"folder holds {len(gz)} gzip-compressed file(s) (e.g. {gz[0].name}), "
+                             "not DICOM files", "Decompress them first (e.g. `gunzip *.gz` in the folder)")
         sub = [d.name for d in sorted(folder.iterdir()) if d.is_dir()][:5] if folder.is_dir() else []
         hint = f" (sub-folders: {', '.join(sub)})" if sub else ""
         raise DicomError(folder, f"folder holds no DICOM image files{hint}",
@@ -442,54 +542,185 @@ def _read_dicom_series(folder: Path) -> Volume:
     for p, ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "?")), []).append((p, ds))
     if len(series) > 1:
-        parts = []
-        for _uid, items in sorted(series.items(), key=lambda kv: (str(kv[1][0][1].get("SeriesNumber", "")), kv[0])):
-            ds0 = items[0][1]
-            desc = str(ds0.get("SeriesDescription", "") or "no description")
-            parts.append(f"series {ds0.get('SeriesNumber', '?')} '{desc}' ({len(items)} files)")
+        parts = [_series_facts(items) for _uid, items in
+                 sorted(series.items(), key=lambda kv: (str(kv[1][0][1].get("SeriesNumber", "")), kv[0]))]
         raise DicomError(folder, f"folder holds {len(series)} DICOM series: {'; '.join(parts)}",
                          "Put each series in its own folder and point the manifest to the T1 series folder")
     items = next(iter(series.values()))
     ds0 = items[0][1]
-    n_frames = int(ds0.get("NumberOfFrames", 1) or 1)
+    try:
+        n_frames = int(ds0.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
     if n_frames > 1:
-        raise DicomError(folder, f"multi-frame (enhanced) DICOM with {n_frames} frames in one file is not supported",
-                         "Convert the series to NIfTI with dcm2niix and give the .nii.gz file")
-    if len(items) < 2:
-        raise DicomError(folder, "series has only 1 slice; a 3D T1 needs several",
-                         "Give the folder of the 3D T1 series (or a NIfTI file)")
-    # geometry per slice
+        if len(items) > 1:
+            raise DicomError(folder, f"series has {len(items)} multi-frame (enhanced) files; one 3D volume is one file",
+                             "Put only the enhanced file of the 3D T1 in the folder")
+        frames = _enhanced_frames(folder, items[0][0], n_frames)
+    else:
+        if len(items) < 2:
+            raise DicomError(folder, "series has only 1 slice; a 3D T1 needs several",
+                             "Give the folder of the 3D T1 series (or a NIfTI file)")
+        frames = _classic_frames(folder, items)
+    return _assemble(folder, frames, ds0)
+
+
+def _classic_frames(folder: Path, items: list) -> list[dict[str, Any]]:
+    """One frame per single-frame file: name, geometry and a pixel loader."""
+    import pydicom
+
+    from nhb_core.safety import check_image_size
+
+    ds0 = items[0][1]
     rows, cols = int(ds0.Rows), int(ds0.Columns)
-    iop0 = _floats(ds0, "ImageOrientationPatient", 6, items[0][0].name, folder)
-    ps0 = _floats(ds0, "PixelSpacing", 2, items[0][0].name, folder)
-    positions = []
+    check_image_size(folder, (rows, cols, len(items)), 4, "DICOM series")
+    frames = []
     for p, ds in items:
         if int(ds.Rows) != rows or int(ds.Columns) != cols:
             raise DicomError(folder, f"slices have different sizes ({rows}x{cols} and {int(ds.Rows)}x{int(ds.Columns)} in {p.name})",
                              "Put only the files of one 3D series in the folder")
-        iop = _floats(ds, "ImageOrientationPatient", 6, p.name, folder)
-        if np.abs(iop - iop0).max() > 1e-4:
-            raise DicomError(folder, f"slices have different orientations ({p.name}); this looks like a localizer or a mixed series",
+
+        def load(p: Path = p) -> tuple[np.ndarray, float, float]:
+            try:
+                full = pydicom.dcmread(str(p), force=True)
+            except Exception as err:
+                raise DicomError(p, f"DICOM file is truncated or corrupt ({_short(err, p)})", _FIX_COPY) from None
+            px = _pixels(p, full)
+            return px, float(full.get("RescaleSlope", 1) or 1), float(full.get("RescaleIntercept", 0) or 0)
+
+        frames.append({"name": p.name, "rows": rows, "cols": cols,
+                       "iop": _floats(ds, "ImageOrientationPatient", 6, p.name, folder),
+                       "ps": _floats(ds, "PixelSpacing", 2, p.name, folder),
+                       "ipp": _floats(ds, "ImagePositionPatient", 3, p.name, folder), "load": load})
+    return frames
+
+
+def _pixels(p: Path, full) -> np.ndarray:
+    """``full.pixel_array`` with truncation told apart from undecodable compression."""
+    ts = getattr(getattr(full, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = bool(getattr(ts, "is_compressed", False))
+    if "PixelData" not in full:
+        raise DicomError(p, "DICOM file is truncated (it has no pixel data)", _FIX_COPY)
+    if not compressed:
+        try:
+            need = int(full.Rows) * int(full.Columns) * int(full.get("NumberOfFrames", 1) or 1) * \
+                int(full.get("SamplesPerPixel", 1) or 1) * (int(full.BitsAllocated) // 8)
+            have = len(full.PixelData)
+        except Exception:  # noqa: BLE001 - the decoder below reports it
+            need = have = 0
+        if have < need:
+            raise DicomError(p, f"DICOM file is truncated: its pixel data holds {have} of the {need} bytes "
+                             "its header announces", _FIX_COPY)
+    try:
+        return full.pixel_array
+    except Exception as err:
+        name = f" (transfer syntax {ts.name})" if ts is not None else ""
+        msg = _short(err, p)
+        if any(w in msg.lower() for w in ("truncat", "end of file", "eof", "shorter", "not enough", "expected")):
+            raise DicomError(p, f"DICOM file is truncated: its pixel data cannot be read{name} ({msg})",
+                             _FIX_COPY) from None
+        raise DicomError(p, f"cannot decode the pixel data{name}: {msg}",
+                         "Convert the series with dcm2niix, or decompress it (gdcmconv --raw), and try again") from None
+
+
+def _fg_item(per, shared, seq: str):
+    """Item 0 of functional group ``seq`` from the per-frame group, else the shared one."""
+    for grp in (per, shared):
+        if grp is not None and seq in grp and len(grp[seq].value):
+            return grp[seq].value[0]
+    return None
+
+
+def _enhanced_frames(folder: Path, p: Path, n_frames: int) -> list[dict[str, Any]]:
+    """The frames of one enhanced (multi-frame) MR file, from its functional groups.
+
+    Geometry per frame: PlanePositionSequence / PlaneOrientationSequence / PixelMeasuresSequence
+    and rescale from PixelValueTransformationSequence (per-frame, else shared), as dcm2niix reads them.
+    """
+    import pydicom
+
+    from nhb_core.safety import check_image_size
+
+    try:
+        head = pydicom.dcmread(str(p), stop_before_pixels=True)
+    except Exception as err:
+        raise DicomError(p, f"DICOM file is truncated or corrupt ({_short(err, p)})", _FIX_COPY) from None
+    rows, cols = int(head.Rows), int(head.Columns)
+    check_image_size(p, (cols, rows, n_frames), 4, "enhanced DICOM file")
+    shared_seq = head.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_seq = head.get("PerFrameFunctionalGroupsSequence")
+    if per_seq is None or len(per_seq) != n_frames:
+        raise DicomError(p, f"enhanced DICOM file has {0 if per_seq is None else len(per_seq)} per-frame geometry "
+                         f"items for {n_frames} frames", "Convert it with dcm2niix and give the NIfTI file")
+    cache: dict[str, Any] = {}
+
+    def pixels() -> np.ndarray:
+        if "px" not in cache:
+            try:
+                full = pydicom.dcmread(str(p))
+            except Exception as err:
+                raise DicomError(p, f"DICOM file is truncated or corrupt ({_short(err, p)})", _FIX_COPY) from None
+            px = _pixels(p, full)
+            if px.shape != (n_frames, rows, cols):
+                raise DicomError(p, f"pixel data of shape {px.shape}, not {n_frames}x{rows}x{cols}",
+                                 "Convert it with dcm2niix and give the NIfTI file")
+            cache["px"] = px
+        return cache["px"]
+
+    frames = []
+    for k in range(n_frames):
+        per = per_seq[k]
+        name = f"{p.name} frame {k + 1}"
+        pos = _fg_item(per, shared, "PlanePositionSequence")
+        ori = _fg_item(per, shared, "PlaneOrientationSequence")
+        mea = _fg_item(per, shared, "PixelMeasuresSequence")
+        if pos is None or ori is None or mea is None:
+            raise DicomError(p, f"enhanced DICOM frame {k + 1} has no plane position, orientation or pixel spacing",
+                             "Convert it with dcm2niix and give the NIfTI file")
+        tr = _fg_item(per, shared, "PixelValueTransformationSequence")
+        slope = float(tr.get("RescaleSlope", 1) or 1) if tr is not None else 1.0
+        inter = float(tr.get("RescaleIntercept", 0) or 0) if tr is not None else 0.0
+
+        def load(k: int = k, slope: float = slope, inter: float = inter) -> tuple[np.ndarray, float, float]:
+            return pixels()[k], slope, inter
+
+        frames.append({"name": name, "rows": rows, "cols": cols,
+                       "iop": _floats(ori, "ImageOrientationPatient", 6, name, p),
+                       "ps": _floats(mea, "PixelSpacing", 2, name, p),
+                       "ipp": _floats(pos, "ImagePositionPatient", 3, name, p), "load": load})
+    return frames
+
+
+def _assemble(folder: Path, frames: list[dict[str, Any]], ds0) -> Volume:
+    """Sort frames along the slice normal, check the spacing, stack the pixels; RAS+ volume."""
+    fix_pacs = "Export the complete series again from the scanner or PACS"
+    rows, cols = frames[0]["rows"], frames[0]["cols"]
+    iop0, ps0 = frames[0]["iop"], frames[0]["ps"]
+    if len(frames) < 2:
+        raise DicomError(folder, "series has only 1 slice; a 3D T1 needs several",
+                         "Give the folder of the 3D T1 series (or a NIfTI file)")
+    for f in frames:
+        if np.abs(f["iop"] - iop0).max() > 1e-4:
+            raise DicomError(folder, f"slices have different orientations ({f['name']}); this looks like a localizer or a mixed series",
                              "Put only the files of one 3D series in the folder")
-        ps = _floats(ds, "PixelSpacing", 2, p.name, folder)
-        if np.abs(ps - ps0).max() > 1e-4:
-            raise DicomError(folder, f"slices have different pixel spacings ({p.name})", "Put only the files of one 3D series in the folder")
-        positions.append(_floats(ds, "ImagePositionPatient", 3, p.name, folder))
+        if np.abs(f["ps"] - ps0).max() > 1e-4:
+            raise DicomError(folder, f"slices have different pixel spacings ({f['name']})", "Put only the files of one 3D series in the folder")
     row_dir, col_dir = iop0[:3], iop0[3:]
     normal = np.cross(row_dir, col_dir)
     if abs(np.linalg.norm(normal) - 1) > 1e-3 or abs(float(row_dir @ col_dir)) > 1e-3:
         raise DicomError(folder, "ImageOrientationPatient is not two orthogonal unit vectors", fix_pacs)
-    positions = np.array(positions)
+    positions = np.array([f["ipp"] for f in frames])
     dist = positions @ normal
     order = np.argsort(dist, kind="stable")
     dist = dist[order]
-    items = [items[i] for i in order]
+    frames = [frames[i] for i in order]
     positions = positions[order]
     gaps = np.diff(dist)
     dup = np.flatnonzero(gaps < 1e-3)
     if dup.size:
         i = int(dup[0])
-        raise DicomError(folder, f"duplicated slice: {items[i][0].name} and {items[i + 1][0].name} are both at position "
+        raise DicomError(folder, f"duplicated slice: {frames[i]['name']} and {frames[i + 1]['name']} are both at position "
                          f"{dist[i]:.2f} mm along the slice normal ({dup.size} duplicate(s) in all; several echoes or a repeated acquisition?)",
                          "Keep one file per slice position (one echo, one acquisition) in the folder")
     step = float(np.median(gaps))
@@ -499,37 +730,23 @@ def _read_dicom_series(folder: Path) -> Volume:
         ratio = gaps[i] / step
         if abs(ratio - round(ratio)) <= SLICE_GAP_RTOL * 2 and round(ratio) >= 2:
             n_missing = int(sum(round(g / step) - 1 for g in gaps[bad] if round(g / step) >= 2))
-            raise DicomError(folder, f"missing slice(s): a gap of {gaps[i]:.2f} mm between {items[i][0].name} and "
-                             f"{items[i + 1][0].name} where the slice spacing is {step:.2f} mm (about {n_missing} slice(s) missing)",
+            raise DicomError(folder, f"missing slice(s): a gap of {gaps[i]:.2f} mm between {frames[i]['name']} and "
+                             f"{frames[i + 1]['name']} where the slice spacing is {step:.2f} mm (about {n_missing} slice(s) missing)",
                              fix_pacs)
         raise DicomError(folder, f"inconsistent slice spacing: gaps between slices range from {gaps.min():.2f} to "
-                         f"{gaps.max():.2f} mm (first odd gap between {items[i][0].name} and {items[i + 1][0].name})",
+                         f"{gaps.max():.2f} mm (first odd gap between {frames[i]['name']} and {frames[i + 1]['name']})",
                          "Export the series again; a volume needs evenly spaced slices (or convert it with dcm2niix)")
-    slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
+    slice_vec = (positions[-1] - positions[0]) / (len(frames) - 1)
     off_normal = slice_vec - (slice_vec @ normal) * normal
     if np.linalg.norm(off_normal) > 0.01 * step + 1e-3:
         raise DicomError(folder, "slices are sheared (gantry tilt or positions not along the slice normal)",
                          "Convert the series with dcm2niix, which corrects gantry tilt, and give the NIfTI file")
     # pixel data
-    import pydicom
-
-    stack = np.empty((cols, rows, len(items)), dtype=np.float32)
-    for k, (p, _ds) in enumerate(items):
-        try:
-            full = pydicom.dcmread(str(p), force=True)
-            px = full.pixel_array
-        except Exception as err:
-            ts = ""
-            try:
-                ts = f" (transfer syntax {full.file_meta.TransferSyntaxUID.name})"  # type: ignore[possibly-undefined]
-            except Exception:
-                pass
-            raise DicomError(folder, f"cannot decode the pixel data of {p.name}{ts}: {_short(err)}",
-                             "Convert the series with dcm2niix, or decompress it (gdcmconv --raw), and try again") from None
+    stack = np.empty((cols, rows, len(frames)), dtype=np.float32)
+    for k, f in enumerate(frames):
+        px, slope, inter = f["load"]()
         if px.shape != (rows, cols):
-            raise DicomError(folder, f"{p.name} has pixel data of shape {px.shape}, not {rows}x{cols}", fix_pacs)
-        slope = float(full.get("RescaleSlope", 1) or 1)
-        inter = float(full.get("RescaleIntercept", 0) or 0)
+            raise DicomError(folder, f"{f['name']} has pixel data of shape {px.shape}, not {rows}x{cols}", fix_pacs)
         sl = px.astype(np.float32)
         if slope != 1 or inter != 0:
             sl = sl * np.float32(slope) + np.float32(inter)
@@ -543,7 +760,10 @@ def _read_dicom_series(folder: Path) -> Volume:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
     axcodes = tuple(nib.aff2axcodes(affine))
     data, affine = _to_canonical(stack, affine)
-    meta: dict[str, Any] = {"format": "dicom", "original_axcodes": axcodes, "n_files": len(items)}
+    meta: dict[str, Any] = {"format": "dicom", "original_axcodes": axcodes, "n_files": len(frames)}
+    if int(ds0.get("NumberOfFrames", 1) or 1) > 1:
+        meta["n_files"] = 1
+        meta["n_frames"] = len(frames)
     for tag, key in _SAFE_DICOM_META.items():
         val = ds0.get(tag)
         if val not in (None, ""):

@@ -104,13 +104,24 @@ def _proc_state(pid: int) -> Optional[str]:
     return rest[0] if rest else None
 
 
+#: exit codes of reaped children, by pid (popped when a new child gets the same pid)
+_EXIT_CODES: dict[int, int] = {}
+
+
 def _reap(pid: int) -> Optional[int]:
-    """Reap ``pid`` if it is a finished child of this process; its exit code or None."""
+    """Reap ``pid`` if it is a finished child of this process; its exit code or None.
+
+    The code is remembered (``_EXIT_CODES``): :func:`is_alive` reaps too, and a later
+    :func:`refresh` must still be able to say how the process ended.
+    """
+    if pid in _EXIT_CODES:
+        return _EXIT_CODES[pid]
     p = _CHILDREN.get(pid)
     if p is not None:
         rc = p.poll()
         if rc is not None:
             _CHILDREN.pop(pid, None)
+            _EXIT_CODES[pid] = rc
         return rc
     try:
         wpid, wstatus = os.waitpid(pid, os.WNOHANG)
@@ -118,7 +129,9 @@ def _reap(pid: int) -> Optional[int]:
         return None
     if wpid == 0:
         return None
-    return os.waitstatus_to_exitcode(wstatus)
+    rc = os.waitstatus_to_exitcode(wstatus)
+    _EXIT_CODES[pid] = rc
+    return rc
 
 
 def is_alive(pid: Optional[int], start_ticks: Optional[int] = None) -> bool:
@@ -275,6 +288,7 @@ def _launch(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     finally:
         log.close()
     _CHILDREN[proc.pid] = proc
+    _EXIT_CODES.pop(proc.pid, None)
     return write_status(run_dir, "running", stage="starting", pid=proc.pid, pgid=proc.pid,
                         pid_start=_proc_start_ticks(proc.pid), command=cmd, launched=now_iso())
 
@@ -362,8 +376,16 @@ def refresh(runs_dir: str | os.PathLike, max_running: int = DEFAULT_MAX_RUNNING)
             why = _last_error_line(r)
             stage = st2.get("stage") or "?"
             msg = f"the study process (pid {pid}) stopped during stage '{stage}'"
-            if rc is not None:
+            if rc is not None and rc < 0:
+                try:
+                    sig = signal.Signals(-rc).name
+                except ValueError:
+                    sig = f"signal {-rc}"
+                msg += f" killed by {sig} (exit code {rc})"
+            elif rc is not None:
                 msg += f" with exit code {rc}"
+            else:
+                msg += " (exit code unknown: it was not started by this dashboard process)"
             msg += f": {why}" if why else "; see log.txt"
             write_status(r, "failed", error=msg)
             append_log(r, f"marked failed by the dashboard: {msg}")

@@ -27,8 +27,9 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from nhb_core.errors import ManifestError, NHBError, Problem
+from nhb_core.errors import InputError, ManifestError, NHBError, Problem
 from nhb_core.progress import EtaEstimator, ProgressCallback, emit
+from nhb_core.safety import check_label
 
 REQUIRED_COLUMNS = ("subject_id", "center", "t1", "roi")
 LABEL_COLUMNS = ("nbna", "label")
@@ -198,6 +199,13 @@ def _read_table(path: Path, col: _Collector) -> tuple[list[str], list[tuple[int,
     if path.is_dir():
         col.add("manifest is a folder, not a CSV file", "Give the path of the manifest .csv file")
         return None
+    from nhb_core.safety import check_regular_file, max_manifest_bytes
+
+    try:
+        check_regular_file(path, max_manifest_bytes(), "manifest", "NHB_MAX_MANIFEST_BYTES")
+    except InputError as err:
+        col.add(err.problem, err.fix)
+        return None
     raw = path.read_bytes()
     if raw.startswith(b"PK\x03\x04") or raw.startswith(b"\xd0\xcf\x11\xe0"):
         col.add("file is a spreadsheet workbook (.xlsx/.xls), not a CSV text file",
@@ -347,6 +355,13 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
             ids[sid] = row
         if not rec["center"]:
             col.add("center is empty", "Fill in the acquisition center of every subject (e.g. A or B)", row=row, column="center")
+        # centers become file names (predictions per center); both become spreadsheet cells
+        for key, what in (("subject_id", "subject_id"), ("center", "center")):
+            try:
+                if rec[key]:
+                    check_label(rec[key], what, path, row=row, error=ManifestError, path_part=key == "center")
+            except ManifestError as err:
+                col.add(err.problem, err.fix, row=row, column=key)
         for key, what, fix_kind in (("t1", "T1", "a NIfTI file or a DICOM series folder"), ("roi", "ROI mask", "a NIfTI mask file")):
             val = rec[key]
             if not val:

@@ -394,6 +394,9 @@ def load_trained(model_dir: Union[str, os.PathLike], device: str = "cpu"):
         mj = read_json(mj_p)
     except (OSError, ValueError) as err:
         raise RunError(mj_p, f"unreadable ({err})", "Retrain the model") from None
+    from nhb_core.safety import check_model_json
+
+    check_model_json(mj, mj_p)  # types and ranges before anything is built from it
     name = mj.get("timm_name") or mj.get("architecture")
     model = create_model(name, int(mj.get("in_chans", 1)))
     try:

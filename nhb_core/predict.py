@@ -55,7 +55,7 @@ def run_model_names(run_dir: PathLike) -> list[str]:
     """
     rd = _check_run(run_dir)
     found = sorted(p.name for p in (rd / "models").iterdir()
-                   if p.is_dir() and (p / "model.json").is_file() and (p / "model.safetensors").is_file())
+                   if p.is_dir() and not p.name.startswith(".") and (p / "model.json").is_file() and (p / "model.safetensors").is_file())
     if not found:
         raise RunError(rd / "models", "no trained model (model.json + model.safetensors) in the run",
                        "Wait for the run to finish training, or rerun the study")

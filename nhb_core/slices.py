@@ -1005,10 +1005,11 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
         "versions": _versions(),
     }
     atomic_write_json(out / "prepare.json", meta)
-    # drop cache entries no subject of this dataset uses any more
+    # drop cache entries no subject of this dataset uses any more (only files it wrote: *.npys)
     live = {f"{k}{CACHE_SUFFIX}" for k in keys} | {"hashes.json"}
     for f in cache_dir.iterdir():
-        if f.is_file() and f.name not in live and not f.name.startswith("."):
+        if f.is_file() and not f.is_symlink() and f.name.endswith(CACHE_SUFFIX) and f.name not in live \
+                and not f.name.startswith("."):
             try:
                 f.unlink()
             except OSError:

@@ -28,9 +28,9 @@ failed with the one-line error.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -361,16 +361,23 @@ class _Study:
                 return _sha_many([mdir / "model.safetensors", mdir / "model.json"])
 
             def do_train(name: str = name, mdir: Path = mdir, key: str = key, fp: str = fp) -> None:
+                # train into models/.<name>.new and swap it in only when done: a failed or
+                # cancelled training never deletes the model it was to replace
+                from nhb_core.safety import inside, safe_rmtree
+
+                inside(rd, mdir, "model folder")
+                new = inside(rd, rd / "models" / f".{name}.new", "model folder")
                 rec = self.cache.get(key)
-                resume = bool(rec.get("resumable")) and mdir.exists()
-                if not resume and mdir.exists():
-                    shutil.rmtree(mdir)  # another config's leftovers
+                resume = bool(rec.get("resumable")) and new.exists()
+                if not resume and new.exists():
+                    safe_rmtree(new, rd)  # another config's leftovers
                 if int(cfg.get("n_gpus") or 1) > 1:
-                    self._train_torchrun(name, mdir, split_path, tkw, resume)
+                    self._train_torchrun(name, new, split_path, tkw, resume)
                 else:
                     from nhb_core.train import train_model
-                    train_model(ds_dir, split_path, name, mdir, TrainConfig(**tkw),
+                    train_model(ds_dir, split_path, name, new, TrainConfig(**tkw),
                                 progress=_tag(self.progress, "train", model=name), resume=resume)
+                _swap_in(new, mdir, rd)
 
             self.stage(key, "train", fp, model_sha, do_train, model=name)
             model_shas[name] = self.cache.get(key)["output_sha256"]
@@ -419,16 +426,25 @@ class _Study:
             return _sha_many(files)
 
         def do_evaluate() -> None:
-            for f in own_prediction_files():
-                f.unlink(missing_ok=True)
+            from nhb_core.safety import safe_rmtree
+
+            new = rd / ".predictions.new"  # written in full, then swapped in
+            safe_rmtree(new, rd)
             for name in cfg["models"]:
                 self.status("evaluate", name)
-                evaluate_model(rd / "models" / name, ds_dir, split_path, pred_dir,
+                evaluate_model(rd / "models" / name, ds_dir, split_path, new,
                                aggregate=ecfg.get("aggregate", "mean"), batch_size=int(ecfg.get("batch_size", 128)),
                                device=str(cfg.get("device") or "auto"), model_name=name,
                                progress=_tag(self.progress, "evaluate", model=name))
-            evaluate_baselines(rd, ds_dir, split_path, pred_dir, aggregate=ecfg.get("aggregate", "mean"),
+            evaluate_baselines(rd, ds_dir, split_path, new, aggregate=ecfg.get("aggregate", "mean"),
                                progress=_tag(self.progress, "evaluate"))
+            # sets of cohorts evaluated later (nhb_core.cohorts) are not the stage's: carry them over
+            own = {f.name for f in own_prediction_files()}
+            if pred_dir.is_dir():
+                for f in pred_dir.glob("*.csv"):
+                    if f.name not in own and not (new / f.name).exists():
+                        shutil.copy2(f, new / f.name)
+            _swap_in(new, pred_dir, rd)
 
         self.stage("evaluate", "evaluate", sha256_json([ds_sha, split_sha, model_shas, base_shas, ecfg]), preds_sha,
                    do_evaluate)
@@ -603,6 +619,21 @@ class _Study:
                           method=sal_cfg.get("method", "gradcam"), seed=int(self.cfg["seed"]),
                           with_faithfulness=bool(sal_cfg.get("faithfulness", True)),
                           progress=_tag(self.progress, "saliency"))
+
+
+def _swap_in(new: Path, dest: Path, run_dir: Path) -> None:
+    """Replace folder ``dest`` by the finished folder ``new`` (both inside ``run_dir``): the old
+    one is renamed aside, the new one renamed in, then the old one removed."""
+    from nhb_core.safety import inside, safe_rmtree
+
+    inside(run_dir, new, "folder")
+    inside(run_dir, dest, "folder")
+    old = dest.parent / f".{dest.name}.old"
+    safe_rmtree(old, run_dir)
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    safe_rmtree(old, run_dir)
 
 
 def _pick_cases(subj: "Any", slices: "Any", model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
@@ -788,8 +819,10 @@ def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
     out: list[Path] = []
 
     def _csv(df: "pd.DataFrame", name: str) -> None:
-        with atomic_path(tables / name) as tmp:
-            df.to_csv(tmp, index=False)
+        from nhb_core.safety import neutralise_csv
+
+        with atomic_path(tables / name) as tmp:  # for people: no cell a spreadsheet would run as a formula
+            neutralise_csv(df).to_csv(tmp, index=False)
         out.append(tables / name)
 
     _csv(stats.tidy_table(metrics), "metrics.csv")
@@ -881,6 +914,7 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
     run_dir = Path(out_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     status = read_status(run_dir)
+    _check_run_folder(run_dir)  # before anything is written there
     try:
         cfg = resolve_config(config, overrides)
         if manifest is None:
@@ -888,19 +922,49 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
         if manifest is None:
             raise ConfigError("command line", "no manifest given", "Pass --manifest M.csv (or a config with manifest:)")
         man = Path(manifest).expanduser().resolve()
+        from nhb_core.safety import check_regular_file, max_manifest_bytes
+
+        check_regular_file(man, max_manifest_bytes(), "manifest", "NHB_MAX_MANIFEST_BYTES", error=ManifestError)
         if not man.is_file():
             raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
         cfg["manifest"] = str(man)
+        if str(cfg.get("device") or "auto") not in ("auto", "cpu"):
+            from nhb_core.train import resolve_device
+
+            try:
+                resolve_device(str(cfg["device"]))  # before anything in the run folder changes
+            except ConfigError as err:
+                src = "--device" if (overrides or {}).get("device") else (str(config) if isinstance(
+                    config, (str, os.PathLike)) else "config")
+                raise ConfigError(src, err.problem, err.fix) from None
     except NHBError as err:
-        write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
-        append_log(run_dir, f"failed: {err.line()}")
+        # a bad option never touches a finished or running run: its results stay as they were
+        mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # the launcher (jobs) records the study's own pid
+        if not (status and (status.get("state") == "done" or
+                            (status.get("state") == "running" and status.get("pid") not in mine
+                             and _pid_alive(status.get("pid"))))):
+            write_status(run_dir, "failed", stage="config", error=err.line(), pid=os.getpid())
+            append_log(run_dir, f"failed: {err.line()}")
         raise
+    from nhb_core.safety import run_lock
+
+    with run_lock(run_dir):
+        return _run_locked(run_dir, status, cfg, man, progress)
+
+
+def _run_locked(run_dir: Path, status: Optional[dict[str, Any]], cfg: dict[str, Any], man: Path,
+                progress: Optional[ProgressCallback]) -> Path:
+    """The body of :func:`run_study`, run while the run folder's lock is held."""
+    status = read_status(run_dir) or status
     mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # a launcher (jobs, torchrun) may have written its pid
     if status and status.get("state") == "running" and status.get("pid") not in (None, *mine):
         pid = status.get("pid")
         if _pid_alive(pid):
             raise RunError(run_dir, f"the run is already running (process {pid})",
                            "Wait for it to finish or cancel it first")
+    from nhb_core.fileio import remove_stale_temps
+
+    remove_stale_temps(run_dir)  # left by a process killed mid-write (we hold the lock: none is ours)
     save_config(cfg, run_dir / "config.yaml")
     write_status(run_dir, "running", stage="validate", pid=os.getpid(), error=None)
     append_log(run_dir, f"study started (pid {os.getpid()}), manifest {man}")
@@ -1014,6 +1078,22 @@ def seed_summary(runs: Mapping[int, Path]) -> dict[str, Any]:
             "sets": {s: {m: stats_of(v) for m, v in d.items()} for s, d in per.items()},
             "centers": {s: {c: {m: stats_of(v) for m, v in dd.items()} for c, dd in d.items()}
                         for s, d in per_c.items()}}
+
+
+#: what a study writes (and may replace) in its run folder
+_RUN_ENTRIES = ("models", "predictions", "dataset", "tables", "saliency", "metrics.json", "report.html",
+                "split.json", "validation.json")
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Refuse an ``--out`` folder that is not a run folder but holds something a study would
+    replace (a user's own ``models/`` or ``predictions/``): a study never deletes what it did not create."""
+    if (run_dir / "stages.json").exists() or (run_dir / "status.json").exists():
+        return
+    clash = [n for n in _RUN_ENTRIES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if clash:
+        raise RunError(run_dir, f"the folder is not a run folder but holds {', '.join(clash)}, which a study "
+                       "would replace", "Give a new or empty folder as --out")
 
 
 def _pid_alive(pid: Any) -> bool:

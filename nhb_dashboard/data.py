@@ -92,7 +92,8 @@ def run_models(run_dir: str | os.PathLike) -> list[str]:
     if models:
         return models
     mdir = Path(run_dir) / "models"
-    return sorted(p.name for p in mdir.iterdir() if (p / "model.json").exists()) if mdir.is_dir() else []
+    return sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and (p / "model.json").exists()) \
+        if mdir.is_dir() else []
 
 
 def model_json(run_dir: str | os.PathLike, model: str) -> dict:
@@ -656,6 +657,14 @@ _MAX_ZIP_FILES = 5000
 _MAX_ZIP_BYTES = 4 << 30
 
 
+def csv_download(path: str | os.PathLike) -> bytes:
+    """A CSV file's bytes for a download button, every formula-like text cell neutralised
+    (``nhb_core.safety.csv_for_people``); the file on disk is not changed."""
+    from nhb_core.safety import csv_for_people
+
+    return csv_for_people(Path(path).read_bytes())
+
+
 def save_upload(data: bytes, shown_name: str, folder: str | os.PathLike, role: str, allow_zip: bool = True) -> Path:
     """Write an uploaded file into ``folder`` under a fixed name chosen from its
     *content* (the uploaded name is never used as a path) and return that path.
@@ -696,14 +705,22 @@ def save_upload(data: bytes, shown_name: str, folder: str | os.PathLike, role: s
                        and "__MACOSX" not in i.filename]
             if not members:
                 raise ImageError(label, "the zip archive holds no files", "Zip the folder of one DICOM series")
-            if len(members) > _MAX_ZIP_FILES or sum(i.file_size for i in members) > _MAX_ZIP_BYTES:
-                raise ImageError(label, f"the zip archive is too large ({len(members)} files)",
-                                 f"Zip one DICOM series (at most {_MAX_ZIP_FILES} files)")
+            from nhb_core.safety import copy_limited, max_image_bytes
+
+            limit = min(_MAX_ZIP_BYTES, max_image_bytes())
+            if len(members) > _MAX_ZIP_FILES or sum(i.file_size for i in members) > limit:
+                raise ImageError(label, f"the zip archive is too large ({len(members)} files, "
+                                 f"{sum(i.file_size for i in members):,} bytes unpacked)",
+                                 f"Zip one DICOM series (at most {_MAX_ZIP_FILES} files, {limit:,} bytes; "
+                                 "NHB_MAX_IMAGE_BYTES raises the size limit)")
+            used = 0
             for k, info in enumerate(sorted(members, key=lambda i: i.filename), start=1):
-                with zf.open(info) as src:
-                    (out / f"{k:05d}.dcm").write_bytes(src.read())
-        except zipfile.BadZipFile:
-            raise ImageError(label, "the zip archive is corrupt", "Zip the DICOM series again") from None
+                # streamed with a running count: the sizes a zip declares can lie
+                with zf.open(info) as src, open(out / f"{k:05d}.dcm", "wb") as dst:
+                    used += copy_limited(src, dst, limit - used, label, "the zip archive")
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, __import__("zlib").error):
+            raise ImageError(label, "the zip archive is corrupt, encrypted or uses an unsupported compression",
+                             "Zip the DICOM series again (plain zip, no password)") from None
         return out
     raise ImageError(label, "not a NIfTI file (.nii/.nii.gz)" + (" or a zip of a DICOM series" if allow_zip else ""),
                      "Upload a NIfTI volume" + (" or a .zip of one DICOM series" if allow_zip else ""))

@@ -180,7 +180,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
     c1, c2, c3 = st.columns(3)
     pk = dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices")
     if pk.exists():
-        c1.download_button("Predictions CSV", pk.read_bytes(), file_name=f"{run_dir.name}_{pk.name}",
+        c1.download_button("Predictions CSV", dd.csv_download(pk), file_name=f"{run_dir.name}_{pk.name}",
                            mime="text/csv", key=f"{kp}dl_pred")
     c2.download_button("Metrics JSON", metrics_bytes(mkey), file_name=f"{run_dir.name}_metrics.json",
                        mime="application/json", key=f"{kp}dl_metrics")

@@ -183,7 +183,9 @@ def test_sigterm_cancels_and_rerun_resumes_training(small_run, tiny_study_config
     assert "cancelled" in err and "Traceback" not in err
     st = read_status(run)
     assert st["state"] == "cancelled" and st["stage"] == "train"
-    assert (run / "models" / "resnet18" / "checkpoint.pt").exists()
+    # training runs in models/.resnet18.new and is swapped in when done (the old model is kept meanwhile)
+    assert (run / "models" / ".resnet18.new" / "checkpoint.pt").exists()
+    assert (run / "models" / "resnet18" / "model.safetensors").exists()
     # rerun in-process: validate/prepare/split skipped, training resumes from the checkpoint
     n1 = len(read_events(run))
     run_study(manifest, run, cfg)

@@ -19,9 +19,12 @@ def _read_config_file(path: Path) -> dict:
 
     if not path.exists():
         raise ConfigError(path, "the config file does not exist", "Give an existing YAML or JSON file")
+    from nhb_core.safety import check_regular_file, max_config_bytes, safe_yaml_load
+
+    check_regular_file(path, max_config_bytes(), "config", "NHB_MAX_CONFIG_BYTES", error=ConfigError)
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else safe_yaml_load(text, path)
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(path, f"not readable as YAML/JSON ({' '.join(str(err).split())[:200]})",
                           "Fix the file syntax") from None

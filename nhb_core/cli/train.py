@@ -17,8 +17,11 @@ def _load_yaml(path: Path) -> dict:
 
     if not path.is_file():
         raise ConfigError(path, "the config file does not exist", "Give an existing YAML file")
+    from nhb_core.safety import check_regular_file, max_config_bytes, safe_yaml_load
+
+    check_regular_file(path, max_config_bytes(), "config", "NHB_MAX_CONFIG_BYTES", error=ConfigError)
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        d = safe_yaml_load(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as err:
         raise ConfigError(path, f"not valid YAML ({' '.join(str(err).split())[:120]})", "Fix the YAML syntax") from None
     if not isinstance(d, dict):
@@ -58,6 +61,14 @@ def train_cmd(
     from nhb_core.splits import load_split
     from nhb_core.train import TrainConfig, dist_env, train_model
 
+    out = Path(out)
+    if dist_env().is_main and out.is_dir() and not (out / "status.json").exists() and \
+            any(not p.name.startswith(".") for p in out.iterdir()):
+        from nhb_core.errors import RunError
+
+        # train writes config.yaml, split.json, model.json ... there: never over a user's own files
+        raise RunError(out, "the --out folder holds other files and is not a model folder (no status.json)",
+                       "Give a new or empty folder")
     opts = _load_yaml(config) if config else {}
     for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("patience", patience),
                  ("seed", seed), ("device", device)):
