@@ -80,8 +80,10 @@ class RoiConfig:
     Parameters
     ----------
     encoder : str
-        segmentation-models-pytorch encoder name (random init, never downloaded),
-        e.g. ``"resnet18"``, ``"mobilenet_v2"``, ``"tu-mobilenetv3_small_100"``.
+        segmentation-models-pytorch encoder name (random init, never downloaded):
+        the default is timm's MobileNetV3-small (``tu-`` = a timm encoder; 1 M
+        parameters, 3x faster than ``"resnet18"`` on a CPU); ``"resnet18"``,
+        ``"mobilenet_v2"``, ``"efficientnet-b0"`` also work.
     encoder_depth : int
         Encoder stages used by the U-Net (``size`` must be a multiple of 2**depth).
     decoder_channels : tuple of int
@@ -91,7 +93,8 @@ class RoiConfig:
     search_mm : float
         Side (mm) of the pass-1 crop around the prior position.
     epochs : int
-        Training epochs; one epoch = ``samples_per_subject`` crops per manual subject.
+        Training epochs; one epoch = ``samples_per_subject`` crops per manual subject
+        (counted as at least 20 subjects, so that a few masks still get enough steps).
     samples_per_subject : int
         Crops drawn per training subject and epoch (weighted towards GP slices).
     batch_size : int
@@ -108,13 +111,13 @@ class RoiConfig:
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     """
 
-    encoder: str = "resnet18"
+    encoder: str = "tu-mobilenetv3_small_100"
     encoder_depth: int = 4
     decoder_channels: tuple = (64, 32, 16, 16)
     crop_mm: float = 64.0
     size: int = 80
     search_mm: float = 102.4
-    epochs: int = 30
+    epochs: int = 15
     samples_per_subject: int = 24
     batch_size: int = 16
     lr: float = 3e-3
@@ -422,7 +425,7 @@ def _train(train: list[_Subject], cfg: RoiConfig, device, progress: Optional[Pro
             items.append((si, z))
             weights.append(1.0 if near else cfg.far_weight)
     p = np.asarray(weights) / np.sum(weights)
-    n_per_epoch = cfg.samples_per_subject * len(train)
+    n_per_epoch = cfg.samples_per_subject * max(len(train), 20)
     steps = max(1, -(-n_per_epoch // cfg.batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
@@ -497,12 +500,17 @@ def propose_subject(net, s: _Subject, ref: dict[str, Any], cfg: RoiConfig, devic
     prior = s.head_xy + s.M @ np.asarray(ref["offset_mean_mm"], dtype=np.float64)
     # pass 1: a large crop around the prior
     P1, coords1 = _crop_probs(net, s, prior, cfg.search_size * cfg.pixel_mm, cfg.search_size, device)
-    fg1 = _largest_component(P1[:, 0] < 0.5)  # (Z, H, W)
-    found = bool(fg1.any())
+    # the GP pair: the two largest 3D foreground components (the second only when at least
+    # a third of the first); its centre is the mean of their centroids
+    lab1, n1 = ndimage.label(P1[:, 0] < 0.5, structure=np.ones((3, 3, 3), bool))  # (Z, H, W)
+    found = n1 > 0
     centre = prior
     if found:
-        _z, r, c = np.nonzero(fg1)
-        centre = np.array([ndimage.map_coordinates(coords1[k], [[r.mean()], [c.mean()]], order=1)[0] for k in range(2)])
+        sizes = np.bincount(lab1.reshape(-1))[1:]
+        order = np.argsort(-sizes, kind="stable")[:2]
+        keep = [int(order[0])] + [int(k) for k in order[1:] if sizes[k] >= sizes[order[0]] / 3]
+        rc = np.array([np.argwhere(lab1 == k + 1)[:, 1:].mean(axis=0) for k in keep]).mean(axis=0)
+        centre = np.array([ndimage.map_coordinates(coords1[k], [[rc[0]], [rc[1]]], order=1)[0] for k in range(2)])
     # pass 2: the fine crop centred on the detection
     P2, coords2 = _crop_probs(net, s, centre, cfg.crop_mm, cfg.size, device)
     X, Y, Z = s.vol.shape
