@@ -35,6 +35,8 @@ PAGES_HELP = [
                  "models side by side, CAM energy inside the ROI and faithfulness vs a random map."),
     ("Predict", "Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
                 "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
+    ("ROIs", "GP ROI proposals of `roi propose`: every subject's mask on its GP slice, sortable by confidence and QC "
+             "flags; correct one with a brush (paint left/right, erase, undo) and save it as a new file marked corrected."),
 ]
 
 
