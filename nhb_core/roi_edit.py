@@ -26,6 +26,8 @@ from nhb_core.fileio import atomic_write_text
 
 #: half side (mm) of the display box around the GP
 BOX_HALF_MM = 36.0
+#: canvas pixels per displayed voxel on the dashboard's editor
+CANVAS_SCALE = 6
 
 
 def load_proposals(roi_dir: str | os.PathLike) -> pd.DataFrame:

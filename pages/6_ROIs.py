@@ -27,7 +27,7 @@ st.caption("Proposals from `python -m nhb_core roi propose` (docs/roi.md): revie
            "and QC flags, correct a mask with the brush, accept. A correction is saved as a new file; "
            "the original mask is never overwritten.")
 
-SCALE = 6  # canvas pixels per voxel
+SCALE = roi_edit.CANVAS_SCALE  # canvas pixels per voxel
 SORTS = {"confidence (lowest first)": (["confidence", "subject_id"], [True, True]),
          "QC flags (most first)": (["n_flags", "confidence", "subject_id"], [False, True, True]),
          "subject id": (["subject_id"], [True])}
@@ -95,11 +95,12 @@ with ui.guard():
     case = roi_edit.load_case(roi_dir, sid)
     stack = _working(str(roi_dir), sid, case)
     mask = stack[-1][1]
-    e1, e2, e3 = st.columns([2, 2, 2])
+    e1, e2, e3, e4 = st.columns([1, 2, 1, 2])
     z = e1.selectbox("Slice", case["slices"], index=len(case["slices"]) // 2, key=f"roi_z_{sid}")
     action = e2.radio("Brush", ["paint left GP (1)", "paint right GP (2)", "erase"], key="roi_action",
                       horizontal=True)
-    width = int(e3.slider("Brush width (px)", 2, 40, 10, key="roi_brush"))
+    tool = e3.radio("Tool", ["brush", "rectangle"], key="roi_tool", horizontal=True)
+    width = int(e4.slider("Brush width (canvas px; 6 px = 1 voxel)", 2, 40, 10, key="roi_brush"))
     label = {"paint left GP (1)": 1, "paint right GP (2)": 2, "erase": 0}[action]
     img = roi_edit.view(case["t1"], z, case["box"])
     lab = roi_edit.view(mask, z, case["box"])
@@ -114,13 +115,15 @@ with ui.guard():
         from PIL import Image
         from streamlit_drawable_canvas import st_canvas
 
-        res = st_canvas(stroke_width=width, stroke_color={1: "#00dc00", 2: "#ff8c00", 0: "#ffffff"}[label],
+        colour = {1: "#00dc00", 2: "#ff8c00", 0: "#ffffff"}[label]
+        res = st_canvas(stroke_width=width if tool == "brush" else 1, stroke_color=colour, fill_color=colour,
                         background_image=Image.fromarray(bg), height=h * SCALE, width=w * SCALE,
-                        drawing_mode="freedraw", return_image_data=True, key=canvas_key)
+                        drawing_mode="freedraw" if tool == "brush" else "rect", return_image_data=True,
+                        key=canvas_key)
         strokes = res.image_data
-    except ImportError:
-        st.warning("streamlit-drawable-canvas is not installed: `pip install streamlit-drawable-canvas` "
-                   "to paint; the mask is shown read-only.")
+    except Exception as err:  # noqa: BLE001 - not installed, or a component that cannot load: read-only
+        st.warning("The brush canvas is unavailable (`pip install streamlit-drawable-canvas`; "
+                   f"{type(err).__name__}); the mask is shown read-only.")
         st.image(bg)
     b1, b2, b3 = st.columns(3)
     if b1.button("Apply brush strokes", key="roi_apply"):
