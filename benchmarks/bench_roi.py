@@ -7,6 +7,11 @@ whether QC flagged every proposal with Dice < 0.4 against the truth. Dice is the
 bilateral Dice of docs/synth.md (labels merged); ``dice_lr`` is the mean of the left and
 right label Dice (a swapped side scores 0). Prints one JSON object.
 
+The proposals may include no failure at all; ``qc_on_corrupted_proposals`` therefore also
+checks QC on corrupted copies of 30 proposals (shifted 8 / 15 mm in-plane, moved 2 slices up or
+down, right side dropped, dilated, eroded): the share flagged, overall and among those with
+Dice < 0.4 against the truth.
+
 Targets (20 masks): mean Dice vs the truth >= 0.75 at A and >= 0.70 at B, no proposal
 with Dice < 0.4 unflagged, wall time under 360 s on 2 CPU cores. ``cpu_seconds`` (this
 process's CPU time) and ``cpu_share`` (CPU time / wall time, about 2 on 2 idle cores) tell
@@ -66,7 +71,63 @@ def _hide_masks(cohort: Path, work: Path, n_manual: int, seed: int) -> tuple[Pat
     return out, sorted(keep)
 
 
-def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict) -> dict:
+CORRUPTIONS = ("shift_8mm", "shift_15mm", "slices_up_2", "slices_down_2", "drop_right", "dilate_3", "erode_2")
+
+
+def _corrupt(mask: np.ndarray, kind: str, spacing, rng: np.random.Generator) -> np.ndarray:
+    """A plausible failure made from a good mask (in-plane shift in a random direction, the
+    mask on the wrong slices, one side lost, grown or shrunk in-plane)."""
+    from scipy import ndimage
+
+    if kind.startswith("shift_"):
+        mm = float(kind[6:-2])
+        ang = rng.uniform(0, 2 * np.pi)
+        d = np.array([np.cos(ang), np.sin(ang)]) * mm / np.asarray(spacing[:2], dtype=float)
+        return ndimage.shift(mask, (d[0], d[1], 0), order=0)
+    if kind.startswith("slices_"):
+        return np.roll(mask, 2 if "up" in kind else -2, axis=2)
+    if kind == "drop_right":
+        return np.where(mask == 2, 0, mask)
+    st = np.ones((3, 3, 1), bool)
+    if kind == "dilate_3":
+        grown = ndimage.binary_dilation(mask > 0, st, 3)
+        near = ndimage.grey_dilation(mask, footprint=np.ones((7, 7, 1), bool))
+        return np.where(grown, np.where(mask > 0, mask, near), 0)
+    return np.where(ndimage.binary_erosion(mask > 0, st, 2), mask, 0)  # erode_2
+
+
+def qc_on_corrupted(cohort: Path, out: Path, n: int, seed: int) -> dict:
+    """QC of corrupted copies of n proposals (the network's proposals here have no failure to
+    catch): share flagged per corruption, and of those with Dice < 0.4 vs the truth."""
+    import pandas as pd
+
+    from nhb_core.io import load_roi
+    from nhb_core.roi_propose import _load_subject, _measures, _qc
+
+    ref = json.loads((out / "roi_model.json").read_text())["reference"]
+    man = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False).set_index("subject_id")
+    prop = pd.read_csv(out / "proposals.csv", dtype={"subject_id": str})
+    ids = prop.loc[prop["roi_source"] == "proposed", "subject_id"].sample(n, random_state=seed)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sid in ids:
+        s = _load_subject(sid, str((out / man.loc[sid, "t1"]).resolve()), None)
+        m = np.asarray(load_roi(out / man.loc[sid, "roi"], allow_empty=True).data)
+        truth = load_roi(cohort / "truth" / f"{sid}_gp_true.nii.gz").data
+        for kind in CORRUPTIONS:
+            c = _corrupt(m, kind, s.spacing, rng).astype(np.int16)
+            flags, _ = _qc(_measures(s, c), ref)
+            rows.append({"kind": kind, "dice": _dice(c, truth), "flagged": bool(flags)})
+    d = pd.DataFrame(rows)
+    low = d[d["dice"] < 0.4]
+    return {"n_subjects": int(n),
+            "per_corruption": {k: {"dice_truth_mean": round(float(g["dice"].mean()), 3),
+                                   "flagged": round(float(g["flagged"].mean()), 3)} for k, g in d.groupby("kind")},
+            "n_dice_below_0.4": int(len(low)), "flagged_dice_below_0.4": round(float(low["flagged"].mean()), 3)
+            if len(low) else None}
+
+
+def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict, n_corrupt: int = 30) -> dict:
     import pandas as pd
 
     from nhb_core.io import load_roi
@@ -111,10 +172,12 @@ def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict) ->
             "spearman_confidence_dice": round(float(d["confidence"].corr(d["dice_truth"], method="spearman")), 3),
         }
     meta = json.loads((out / "roi_model.json").read_text())
+    corrupted = qc_on_corrupted(cohort, out, min(n_corrupt, len(res)), seed) if n_corrupt else None
     return {"n_manual": n_manual, "manual_subjects": keep, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
             "cpu_share": round(cpu / wall, 2),
             "seconds_parts": meta["seconds"], "loadavg_before": [round(x, 2) for x in load0],
             "loadavg_after": [round(x, 2) for x in load1], "per_center": per_center,
+            "qc_on_corrupted_proposals": corrupted,
             "targets_met": {
                 "dice_A>=0.75": per_center.get("A", {}).get("dice_truth_mean", 0) >= 0.75,
                 "dice_B>=0.70": per_center.get("B", {}).get("dice_truth_mean", 0) >= 0.70,
@@ -132,6 +195,7 @@ def main() -> None:
     ap.add_argument("--encoder", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--keep", default=None, help="work folder kept (default: temporary)")
+    ap.add_argument("--n-corrupt", type=int, default=30, help="proposals corrupted for the QC check (0: none)")
     args = ap.parse_args()
 
     import torch
@@ -152,7 +216,7 @@ def main() -> None:
         config["epochs"] = args.epochs
     if args.encoder:
         config["encoder"] = args.encoder
-    runs = [run_one(cohort, work, int(n), args.seed, config) for n in args.n_manual.split(",")]
+    runs = [run_one(cohort, work, int(n), args.seed, config, args.n_corrupt) for n in args.n_manual.split(",")]
     import segmentation_models_pytorch as smp
 
     print(json.dumps({"benchmark": "roi_propose", "cohort": str(cohort), "seed": args.seed, "threads": args.threads,

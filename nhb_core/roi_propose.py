@@ -69,7 +69,7 @@ SOURCES = ("manual", "proposed", "corrected")
 PROPOSALS_COLUMNS = [
     "subject_id", "center", "roi_source", "roi", "confidence", "qc_ok", "qc_flags", "soft_dice", "mean_prob",
     "volume_left_mm3", "volume_right_mm3", "asymmetry", "position_mm", "separation_mm", "intensity_mean",
-    "intensity_outlier_frac", "n_slices",
+    "intensity_outlier_frac", "ring_contrast", "intensity_sd", "n_slices",
 ]
 
 
@@ -264,7 +264,13 @@ def _to_mm(M: np.ndarray, dvox: np.ndarray) -> np.ndarray:
 
 
 def _measures(s: _Subject, mask: np.ndarray) -> dict[str, float]:
-    """Volume per label (mm^3), asymmetry, GP offset from the head centre and L-R separation (mm), intensity."""
+    """Volume per label (mm^3), asymmetry, GP offset from the head centre and L-R separation (mm), intensity.
+
+    ``ring_contrast``: mean normalised T1 inside the mask minus the mean in a 1-voxel in-plane
+    ring around it (the GP is brighter than its surroundings); ``intensity_sd`` inside the mask.
+    """
+    from scipy import ndimage
+
     vox_mm3 = float(np.prod(s.spacing))
     v1, v2 = float((mask == 1).sum()) * vox_mm3, float((mask == 2).sum()) * vox_mm3
     out: dict[str, float] = {"volume_left_mm3": v1, "volume_right_mm3": v2,
@@ -274,9 +280,13 @@ def _measures(s: _Subject, mask: np.ndarray) -> dict[str, float]:
         out["offset_right_mm"], out["offset_ant_mm"] = float(off[0]), float(off[1])
         vals = s.vol[mask > 0]
         out["intensity_mean"] = float(vals.mean())
+        out["intensity_sd"] = float(vals.std())
+        ring = ndimage.binary_dilation(mask > 0, np.ones((3, 3, 1), bool)) & ~(mask > 0)
+        out["ring_contrast"] = float(vals.mean() - s.vol[ring].mean()) if ring.any() else float("nan")
         out["_values"] = vals  # type: ignore[assignment]
     else:
         out["offset_right_mm"] = out["offset_ant_mm"] = out["intensity_mean"] = float("nan")
+        out["intensity_sd"] = out["ring_contrast"] = float("nan")
     if (mask == 1).any() and (mask == 2).any():
         d = _to_mm(s.M, _centroid_xy(mask == 1) - _centroid_xy(mask == 2))
         out["separation_mm"] = float(np.hypot(*d))
@@ -314,6 +324,8 @@ def _reference(manual: list[dict[str, float]]) -> dict[str, Any]:
         "intensity_mean": ms("intensity_mean")[0],
         "intensity_sd": ms("intensity_mean", floor_abs=0.02)[1],
         "intensity_range": [float(np.percentile(pooled, 1)), float(np.percentile(pooled, 99))],
+        "ring_contrast_mean": ms("ring_contrast")[0], "ring_contrast_sd": ms("ring_contrast", floor_abs=0.01)[1],
+        "intensity_sd_mean": ms("intensity_sd")[0], "intensity_sd_sd": ms("intensity_sd", floor_abs=0.01)[1],
     }
 
 
@@ -345,6 +357,11 @@ def _qc(meas: dict[str, float], ref: dict[str, Any], soft_dice: float = float("n
         if frac > 0.25 or abs(meas["intensity_mean"] - ref["intensity_mean"]) > 3 * ref["intensity_sd"]:
             flags.append("intensity")
     extra["intensity_outlier_frac"] = frac
+    rc, isd = meas.get("ring_contrast", float("nan")), meas.get("intensity_sd", float("nan"))
+    if "ring_contrast_mean" in ref and (
+            (np.isfinite(rc) and rc < ref["ring_contrast_mean"] - 2 * ref["ring_contrast_sd"])
+            or (np.isfinite(isd) and isd > ref["intensity_sd_mean"] + 3 * ref["intensity_sd_sd"])):
+        flags.append("contrast")
     if np.isfinite(soft_dice) and soft_dice < min_soft_dice:
         flags.append("low_confidence")
     return flags, extra
@@ -352,7 +369,7 @@ def _qc(meas: dict[str, float], ref: dict[str, Any], soft_dice: float = float("n
 
 def _plausibility(flags: list[str]) -> float:
     """Multiplier of the confidence for failed plausibility checks (each halves it)."""
-    n = sum(f in ("missing_label", "volume", "asymmetry", "position", "intensity") for f in flags)
+    n = sum(f in ("missing_label", "volume", "asymmetry", "position", "intensity", "contrast") for f in flags)
     return 0.5 ** n
 
 
@@ -712,7 +729,7 @@ def propose_rois(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, c
             done += 1
             emit(progress, "roi_propose", done=done, total=n_prop, message=str(r.subject_id), eta_s=eta.eta(done, n_prop))
         rec.update({k: meas[k] for k in ("volume_left_mm3", "volume_right_mm3", "asymmetry", "separation_mm",
-                                         "intensity_mean", "n_slices")})
+                                         "intensity_mean", "ring_contrast", "intensity_sd", "n_slices")})
         rec.update(extra)
         rec["qc_flags"] = ";".join(flags)
         rec["qc_ok"] = not flags
