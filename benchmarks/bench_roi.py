@@ -127,7 +127,44 @@ def qc_on_corrupted(cohort: Path, out: Path, n: int, seed: int) -> dict:
             if len(low) else None}
 
 
-def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict, n_corrupt: int = 30) -> dict:
+def requalify(out: Path) -> None:
+    """Recompute the QC flags and confidences of an existing propose folder with the current QC
+    code (the masks, the soft Dice and not_found stay): for ``--reuse`` after a QC change."""
+    import pandas as pd
+
+    from nhb_core.fileio import atomic_write_json, atomic_write_text
+    from nhb_core.io import load_roi
+    from nhb_core.roi_propose import _load_subject, _measures, _plausibility, _qc, _reference
+
+    man = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False).set_index("subject_id")
+    prop = pd.read_csv(out / "proposals.csv", dtype={"subject_id": str, "qc_flags": str}, keep_default_na=False,
+                       na_values={"confidence": [""], "soft_dice": [""], "mean_prob": [""]})
+    meas = {}
+    for sid in prop["subject_id"]:
+        r = man.loc[sid]
+        s = _load_subject(sid, str((out / r["t1"]).resolve()), None)
+        meas[sid] = _measures(s, np.asarray(load_roi((out / r["roi"]).resolve(), allow_empty=True).data))
+    ref = _reference([meas[sid] for sid in prop.loc[prop["roi_source"] != "proposed", "subject_id"]])
+    for i, r in prop.iterrows():
+        proposed = r["roi_source"] == "proposed"
+        flags, extra = _qc(meas[r["subject_id"]], ref, r["soft_dice"] if proposed else float("nan"), 0.6)
+        if "not_found" in str(r["qc_flags"]).split(";"):
+            flags.append("not_found")
+        for k, v in {**extra, **{k: meas[r["subject_id"]][k] for k in ("ring_contrast", "intensity_sd")}}.items():
+            prop.loc[i, k] = v
+        prop.loc[i, "qc_flags"] = ";".join(flags)
+        prop.loc[i, "qc_ok"] = not flags
+        if proposed:
+            prop.loc[i, "confidence"] = r["soft_dice"] * _plausibility(flags) * (0.5 if "not_found" in flags else 1.0)
+    atomic_write_text(out / "proposals.csv", prop.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    meta = json.loads((out / "roi_model.json").read_text())
+    meta["reference"] = ref
+    meta["requalified"] = True
+    atomic_write_json(out / "roi_model.json", meta)
+
+
+def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict, n_corrupt: int = 30,
+            reuse: bool = False) -> dict:
     import pandas as pd
 
     from nhb_core.io import load_roi
@@ -138,9 +175,13 @@ def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict, n_
     load0 = os.getloadavg()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    propose_rois(manifest, out, {**config, "seed": seed})
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    if reuse and (out / "proposals.csv").is_file():  # the masks of an earlier run, QC recomputed
+        requalify(out)
+        wall = cpu = float("nan")
+    else:
+        propose_rois(manifest, out, {**config, "seed": seed})
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     load1 = os.getloadavg()
     prop = pd.read_csv(out / "proposals.csv", dtype={"subject_id": str})
     prop = prop[prop["roi_source"] == "proposed"].copy()
@@ -182,7 +223,7 @@ def run_one(cohort: Path, work: Path, n_manual: int, seed: int, config: dict, n_
                 "dice_A>=0.75": per_center.get("A", {}).get("dice_truth_mean", 0) >= 0.75,
                 "dice_B>=0.70": per_center.get("B", {}).get("dice_truth_mean", 0) >= 0.70,
                 "no_unflagged_dice<0.4": all(v["n_dice_below_0.4_unflagged"] == 0 for v in per_center.values()),
-                "under_360s": wall < 360}}
+                "under_360s": bool(wall < 360) if wall == wall else None}}
 
 
 def main() -> None:
@@ -196,6 +237,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--keep", default=None, help="work folder kept (default: temporary)")
     ap.add_argument("--n-corrupt", type=int, default=30, help="proposals corrupted for the QC check (0: none)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the masks in --keep DIR/propose_N (QC recomputed with the current code; not timed)")
     args = ap.parse_args()
 
     import torch
@@ -216,7 +259,8 @@ def main() -> None:
         config["epochs"] = args.epochs
     if args.encoder:
         config["encoder"] = args.encoder
-    runs = [run_one(cohort, work, int(n), args.seed, config, args.n_corrupt) for n in args.n_manual.split(",")]
+    runs = [run_one(cohort, work, int(n), args.seed, config, args.n_corrupt, args.reuse)
+            for n in args.n_manual.split(",")]
     import segmentation_models_pytorch as smp
 
     print(json.dumps({"benchmark": "roi_propose", "cohort": str(cohort), "seed": args.seed, "threads": args.threads,
