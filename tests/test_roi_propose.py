@@ -247,3 +247,14 @@ def test_bad_inputs_one_line_exit_2(cohort, tmp_path, case, edit, args, expect):
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert expect in err, err
     assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_cli_propose_summary(cohort, tmp_path):
+    r = run_cli("roi", "propose", "--manifest", cohort, "--out", tmp_path / "cli", "--epochs", "1", "--size", "32",
+                "--threads", "1", "--seed", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "4 proposed, 3 manual/corrected masks" in " ".join(r.stdout.split())
+    res = _read(tmp_path / "cli" / "manifest.csv")
+    assert sorted(x["subject_id"] for x in res if x["roi_source"] == "proposed") == sorted(HIDDEN + ("A004F",))
+    meta = __import__("json").loads((tmp_path / "cli" / "roi_model.json").read_text())
+    assert meta["config"]["size"] == 32 and meta["config"]["seed"] == 1 and meta["device"] == "cpu"
