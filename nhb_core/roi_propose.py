@@ -646,7 +646,6 @@ def propose_rois(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, c
     import torch
     from safetensors.torch import save_file
 
-    from nhb_core.io import save_nifti
     from nhb_core.manifest import load_manifest
 
     cfg = config if isinstance(config, RoiConfig) else RoiConfig.from_dict(config)
