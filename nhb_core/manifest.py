@@ -364,6 +364,12 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
                 col.add(err.problem, err.fix, row=row, column=key)
         for key, what, fix_kind in (("t1", "T1", "a NIfTI file or a DICOM series folder"), ("roi", "ROI mask", "a NIfTI mask file")):
             val = rec[key]
+            if not val and key == "roi":  # a subject without a mask: roi propose fills it, prepare refuses it
+                col.warn("roi is empty: this subject has no ROI mask yet",
+                         "Run `python -m nhb_core roi propose --manifest <this manifest> --out <dir>` to propose it "
+                         "from the rows that have masks, or draw it", row=row, column=key)
+                rec[key + "_path"] = ""
+                continue
             if not val:
                 col.add(f"{key} is empty", f"Give the {what} path ({fix_kind}), relative to the manifest's folder", row=row, column=key)
                 rec[key + "_path"] = ""

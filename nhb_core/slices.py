@@ -856,6 +856,13 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     n = len(df)
     if n == 0:
         raise DatasetError(manifest_path, "the manifest lists no subject", "Add subjects to the manifest")
+    no_roi = df[df["roi_path"].fillna("").astype(str) == ""]
+    if len(no_roi):
+        rows = ", ".join(f"{r.subject_id} (row {r.manifest_row})" for r in no_roi.head(10).itertuples())
+        more = f" and {len(no_roi) - 10} more" if len(no_roi) > 10 else ""
+        raise DatasetError(manifest_path, f"{len(no_roi)} row(s) have no ROI mask: {rows}{more}",
+                           "Fill them with `python -m nhb_core roi propose --manifest <manifest> --out <dir>` "
+                           "and prepare that folder's manifest.csv, or draw the masks")
     emit(progress, "prepare", done=0, total=n, message="checking inputs")
 
     config_sha = config.sha256()

@@ -208,6 +208,8 @@ def _referenced_files(manifest: Path) -> list[str]:
     files: list[str] = []
     for col in ("t1_path", "roi_path"):
         for v in df.get(col, []):
+            if not str(v):  # a row without an ROI (prepare refuses it)
+                continue
             p = Path(str(v))
             if p.is_dir():
                 files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file())

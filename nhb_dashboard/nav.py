@@ -53,6 +53,10 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("pages/5_Predict.py", "Predict", ":material/upload_file:", url_path="Predict",
              help="Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
                   "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
+    PageSpec("pages/6_ROIs.py", "ROIs", ":material/draw:", url_path="ROIs",
+             help="GP ROI proposals of `roi propose`: every subject's mask on its GP slice, sortable by confidence "
+                  "and QC flags; correct one with a brush (paint left/right, erase, undo) and save it as a new file "
+                  "marked corrected."),
     PageSpec("pages/6_Reading.py", "Reading", ":material/rate_review:", url_path="Reading",
              help="Reader studies: create a reading session on a finished run, send each reader a private link "
                   "(blinded 1-5 ratings of cases under random codes, unaided and optionally aided), follow "

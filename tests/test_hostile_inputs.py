@@ -280,7 +280,7 @@ def test_set_file_stem_refuses_a_path_escape():
 
 
 def test_upload_names_never_become_paths(tmp_path):
-    from nhb_core.dashboard_data import save_upload
+    from nhb_dashboard.data import save_upload
 
     folder = tmp_path / "up"
     folder.mkdir()
@@ -456,7 +456,7 @@ def test_zip_upload_bomb_is_refused_in_bounded_memory(tmp_path):
     assert z.stat().st_size < 200_000
     out, rss = run_measured(textwrap.dedent(f"""
         from pathlib import Path
-        from nhb_core.dashboard_data import save_upload
+        from nhb_dashboard.data import save_upload
         Path({str(tmp_path / 'up')!r}).mkdir()
         save_upload(Path({str(z)!r}).read_bytes(), 'scan.zip', {str(tmp_path / 'up')!r}, 't1')
         """), env={"NHB_MAX_IMAGE_BYTES": str(8 << 20)})
@@ -472,7 +472,7 @@ def test_zip_member_lying_about_its_size_is_cut_off(tmp_path):
         i = data.find(sig)
         assert struct.unpack("<I", data[i + off:i + off + 4])[0] == real
         data[i + off:i + off + 4] = struct.pack("<I", 1024)
-    from nhb_core.dashboard_data import save_upload
+    from nhb_dashboard.data import save_upload
 
     (tmp_path / "up").mkdir()
     with pytest.raises(ImageError, match="the zip archive is corrupt"):
@@ -729,7 +729,7 @@ def test_tables_for_people_are_neutralised(tmp_path):
 
 
 def test_download_is_neutralised_and_the_file_kept(tmp_path):
-    from nhb_core.dashboard_data import csv_download
+    from nhb_dashboard.data import csv_download
 
     p = tmp_path / "test__subjects.csv"
     p.write_text("subject_id,center,label,resnet18\nS1,A,1,0.5\n\"=1+1\",A,0,-0.25\n")
