@@ -436,3 +436,22 @@ def test_results_shows_seed_spread_and_baseline(run_copy):
     assert any("si_ratio" in c.value for c in at.caption)
     tables = [d.value for d in at.dataframe]
     assert any({"mean", "SD"} <= set(t.columns) for t in tables)
+
+
+def test_saliency_tables_say_why_not_none():
+    import numpy as np
+
+    from nhb_dashboard import data as dd
+
+    rows = dd.saliency_rows({"a": {"prob": 0.7, "energy_in_roi": 0.25, "pointing_hit": True, "faithfulness": 0.1,
+                                   "random_baseline": 0.05},
+                             "b": {"prob": 0.4, "energy_in_roi": float("nan"), "pointing_hit": False}})
+    assert rows.loc[0, "energy in ROI"] == "0.250" and rows.loc[0, "pointing game"] == "hit"
+    assert rows.loc[1, "energy in ROI"].startswith("no map") and rows.loc[1, "pointing game"] == "no map"
+    assert rows.loc[1, "faithfulness"] == dd.NO_FAITHFULNESS
+    means = pd.DataFrame({"model": ["a"], "n": [3], "energy_in_roi": [np.nan], "faithfulness": [None]})
+    shown = dd.means_table(means)
+    assert shown.loc[0, "energy in ROI"] == "no map in any case" and shown.loc[0, "faithfulness"] == "not computed"
+    for t in (rows, shown):
+        assert not t.isna().any().any() and "None" not in t.astype(str).to_numpy()
+    assert dd.energy_text(float("nan")) == "no map (all-zero CAM)" and dd.energy_text(0.456) == "46%"
