@@ -27,7 +27,7 @@ from nhb_core import reading as R
 from nhb_dashboard import data as dd
 from nhb_dashboard import ui
 
-runs = ui.page("Reading", icon=":material/visibility:")
+runs = ui.page("Reading")
 READERS_ONLY = os.environ.get("NHB_READING_READERS_ONLY", "").strip() not in ("", "0", "false", "no")
 
 
