@@ -207,7 +207,7 @@ def test_prior_correction_shifts_the_head_bias():
     m = models.create_model("resnet18", 1)
     before = float(m.fc.bias.detach())
     shift = _correct_prior(m, 3.0)
-    assert shift == pytest.approx(np.log(3.0)) and float(m.fc.bias) == pytest.approx(before - np.log(3.0))
+    assert shift == pytest.approx(np.log(3.0)) and float(m.fc.bias.detach()) == pytest.approx(before - np.log(3.0))
     assert _correct_prior(m, 1.0) == 0.0
     with torch.no_grad():
         assert torch.isfinite(m(torch.zeros(2, 1, 32, 32))).all()
