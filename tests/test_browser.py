@@ -9,14 +9,7 @@ error line shows as text (no dialog). Screenshots go to tests/artifacts/.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,34 +17,20 @@ import pytest
 from nhb_core.runs import write_status
 from nhb_dashboard import nav
 
-CHROMIUM = "/usr/bin/chromium"
+from browser_util import chromium, streamlit_server
+
 URLS = {p.title: p.url_path for p in nav.page_specs()}  # the pages as app.py's st.navigation declares them
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 EVIL = "<script>alert(1)</script>"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium where apt is available)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,33 +42,9 @@ def server(small_run, tmp_path_factory):
     bad = runs / "evil_run"
     bad.mkdir()
     write_status(bad, "failed", error=f"manifest.csv:2: subject id {EVIL} is not valid. Rename it")
-    port = _free_port()
-    env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(tmp_path_factory.mktemp("data")),
-               NHB_POLL_S="2")
-    log = open(runs.parent / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("streamlit exited: " + (runs.parent / "streamlit.log").read_text()[-2000:])
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("streamlit did not come up in 120 s")
+    env = {"NHB_RUNS_DIR": str(runs), "NHB_DATA_DIR": str(tmp_path_factory.mktemp("data")), "NHB_POLL_S": "2"}
+    with streamlit_server(env, runs.parent / "streamlit.log") as url:
         yield url, runs
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _open(page, url: str, timeout_ms: int = 240_000) -> None:

@@ -22,43 +22,26 @@ import pytest
 
 from nhb_core import reading as R
 
+from browser_util import chromium, free_port
 from reading_run import build_reading_run
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (`make browser` installs Debian's chromium where apt is available)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 class Server:
     """`streamlit run app.py` on a fixed free port; can be stopped and started again (a server restart)."""
 
     def __init__(self, root: Path, runs: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(root / "data"), OMP_NUM_THREADS="1")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None

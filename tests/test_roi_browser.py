@@ -5,21 +5,15 @@ reload shows the subject as corrected."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from test_browser import CHROMIUM, LAUNCH_ARGS, _free_port  # noqa: F401
+from browser_util import chromium, streamlit_server
 from test_roi_page import _hashes, roi_out  # noqa: F401 - the shared fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,48 +23,22 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     import importlib.util
 
     if importlib.util.find_spec("streamlit_drawable_canvas") is None:  # importing it needs a streamlit runtime
         pytest.skip("streamlit-drawable-canvas is not installed")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
 def server(roi_out, tmp_path):
     roi_dir = roi_out.parent / f"{roi_out.name}_browser"
     shutil.copytree(roi_out, roi_dir, dirs_exist_ok=True)
-    port = _free_port()
-    env = dict(os.environ, NHB_RUNS_DIR=str(tmp_path / "runs"), NHB_DATA_DIR=str(tmp_path / "data"),
-               NHB_ROI_DIR=str(roi_dir), NHB_POLL_S="2")
-    log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("streamlit exited: " + (tmp_path / "streamlit.log").read_text()[-2000:])
-                time.sleep(0.5)
+    env = {"NHB_RUNS_DIR": str(tmp_path / "runs"), "NHB_DATA_DIR": str(tmp_path / "data"),
+           "NHB_ROI_DIR": str(roi_dir), "NHB_POLL_S": "2"}
+    with streamlit_server(env, tmp_path / "streamlit.log") as url:
         yield url, roi_dir
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _idle(page, timeout_ms: int = 180_000) -> None:
