@@ -26,6 +26,23 @@ READER_SYMBOLS = ["diamond", "square", "triangle-up", "cross", "star", "x"]
 #: Outline colours of the ROI labels in images (1 = left GP green, 2 = right GP orange).
 ROI_COLOURS = {1: (0, 220, 0), 2: (255, 140, 0)}
 
+
+def contour_rgb(gray: np.ndarray, labels: Optional[np.ndarray] = None, scale: int = 1) -> np.ndarray:
+    """RGB uint8 [H*scale, W*scale, 3]: a uint8 grayscale image enlarged ``scale`` times (nearest),
+    with the outline of each ROI label in its colour (:data:`ROI_COLOURS`; other labels yellow)."""
+    from scipy.ndimage import binary_erosion
+
+    g = np.repeat(np.repeat(gray, scale, 0), scale, 1) if scale > 1 else gray
+    rgb = np.repeat(g[..., None], 3, axis=2)
+    if labels is not None:
+        lab = np.asarray(labels)
+        if scale > 1:
+            lab = np.repeat(np.repeat(lab, scale, 0), scale, 1)
+        for v in [int(x) for x in np.unique(lab) if x > 0]:
+            m = lab == v
+            rgb[m & ~binary_erosion(m, border_value=0)] = ROI_COLOURS.get(v, (255, 230, 0))
+    return rgb
+
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
 
 

@@ -736,23 +736,6 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _with_contours(gray: np.ndarray, labels: Optional[np.ndarray], scale: int) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
-    from nhb_core.figures import ROI_COLOURS
-
-    g = np.repeat(np.repeat(gray, scale, 0), scale, 1) if scale > 1 else gray
-    rgb = np.repeat(g[..., None], 3, axis=2)
-    if labels is not None:
-        lab = np.asarray(labels)
-        if scale > 1:
-            lab = np.repeat(np.repeat(lab, scale, 0), scale, 1)
-        for v in [int(x) for x in np.unique(lab) if x > 0]:
-            m = lab == v
-            rgb[m & ~binary_erosion(m, border_value=0)] = ROI_COLOURS.get(v, (255, 230, 0))
-    return rgb
-
-
 def case_slice_count(sdir: str | os.PathLike, code: str) -> int:
     return len(_case(load_session(sdir), code)["slices"])
 
@@ -833,7 +816,9 @@ def _render_slice_png(sdir, code, position, view, level, width, roi, size_px, se
         img = np.asarray(ds.images[row, 0], dtype=np.float32)
         labs = np.asarray(ds.masks[row]).astype(np.int16) if ds.masks is not None else None
     scale = max(1, int(round(size_px / max(img.shape))))
-    return _png(_with_contours(_window_u8(img, level, width), labs if roi else None, scale))
+    from nhb_core.figures import contour_rgb
+
+    return _png(contour_rgb(_window_u8(img, level, width), labs if roi else None, scale))
 
 
 def _aided_now(sdir, reader_id: str) -> bool:

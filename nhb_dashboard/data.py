@@ -597,8 +597,6 @@ def manifest_centers(manifest: str | os.PathLike) -> list[str]:
 
 
 # ----------------------------------------------------------------- images
-#: ROI contour colours: label 1 (left GP) green, label 2 (right GP) orange, other labels yellow.
-from nhb_core.figures import ROI_COLOURS  # noqa: E402 - shared with nhb_core.reading
 
 
 def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
@@ -620,22 +618,10 @@ def gray_u8(image2d: np.ndarray) -> np.ndarray:
 
 def slice_with_contours(image2d: np.ndarray, labels2d: Optional[np.ndarray] = None, scale: int = 1) -> np.ndarray:
     """RGB uint8 [H*scale, W*scale, 3]: the slice in grayscale with the outline of
-    each ROI label in its colour (:data:`ROI_COLOURS`)."""
-    from scipy.ndimage import binary_erosion
+    each ROI label in its colour (:func:`nhb_core.figures.contour_rgb`)."""
+    from nhb_core.figures import contour_rgb
 
-    g = gray_u8(image2d)
-    if scale > 1:
-        g = np.repeat(np.repeat(g, scale, 0), scale, 1)
-    rgb = np.repeat(g[..., None], 3, axis=2)
-    if labels2d is not None:
-        lab = np.asarray(labels2d)
-        if scale > 1:
-            lab = np.repeat(np.repeat(lab, scale, 0), scale, 1)
-        for v in [int(x) for x in np.unique(lab) if x > 0]:
-            m = lab == v
-            edge = m & ~binary_erosion(m, border_value=0)
-            rgb[edge] = ROI_COLOURS.get(v, (255, 230, 0))
-    return rgb
+    return contour_rgb(gray_u8(image2d), labels2d, scale)
 
 
 def montage_picks(df: pd.DataFrame, n_per_group: int = 4, seed: int = 0) -> dict[tuple[str, int], list[str]]:
