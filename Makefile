@@ -1,6 +1,6 @@
 # NHB Lab: two commands on a fresh machine.
 #   make demo   create/refresh .venv, install, prepare the synthetic demo study if absent, start the dashboard
-#   make test   create/refresh .venv, install, run the whole test suite
+#   make test   create/refresh .venv, install, lint (ruff + mypy), run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,13 +10,14 @@ RUNS_DIR ?= runs
 DEMO_RUN := $(RUNS_DIR)/demo
 PORT ?= 8501
 
-.PHONY: venv demo test dashboard browser bench clean-venv
+.PHONY: venv demo test lint dashboard browser bench clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+# pyproject.toml is the one list of dependencies (runtime + the dev extra: tests, lint, notebooks);
+# constraints.txt pins the torch build.
+$(STAMP): constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -r requirements-dev.txt
-	$(PY) -m pip install -c constraints.txt --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -c constraints.txt --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,7 +44,12 @@ demo: venv
 dashboard: venv
 	NHB_RUNS_DIR=$(RUNS_DIR) $(PY) -m streamlit run app.py --server.port $(PORT)
 
-test: venv browser
+# ruff (rules in pyproject.toml [tool.ruff]) and mypy (pyproject.toml [tool.mypy]) on the packages
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: venv browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: venv
