@@ -62,8 +62,8 @@ def main() -> None:
         path = Path(tmp) / "readings.csv"
         df.to_csv(path, index=False)
         stats.mrmc(path)  # warm-up (imports)
-        t_csv = {cov: best_of(lambda: stats.mrmc(path, cov=cov), args.repeats) for cov in ("jackknife", "delong")}
-    t_arr = {cov: best_of(lambda: stats.mrmc_arrays(R, y, cov=cov), args.repeats) for cov in ("jackknife", "delong")}
+        t_csv = {cov: best_of(lambda cov=cov: stats.mrmc(path, cov=cov), args.repeats) for cov in ("jackknife", "delong")}
+    t_arr = {cov: best_of(lambda cov=cov: stats.mrmc_arrays(R, y, cov=cov), args.repeats) for cov in ("jackknife", "delong")}
     res = stats.mrmc_arrays(R, y)
     worst = max(t_csv.values())
     print(json.dumps({

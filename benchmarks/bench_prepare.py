@@ -92,9 +92,10 @@ def main(argv=None) -> int:
         prepare(manifest, out, cfg, workers=args.workers)
         warm = time.perf_counter() - t0
         # rewrite one T1 (same voxels, new bytes) -> one subject recomputed
-        from nhb_core.manifest import load_manifest
         import nibabel as nib
         import numpy as np
+
+        from nhb_core.manifest import load_manifest
 
         p = load_manifest(manifest).df["t1_path"].iloc[0]
         img = nib.load(p)

@@ -45,7 +45,6 @@ def cam_scores(run_dir: Path, cohort: str, models: list[str], max_cases: int) ->
     import pandas as pd
 
     from nhb_core import saliency as S
-    from nhb_core.fileio import read_json
     from nhb_core.models import load_trained
     from nhb_core.slices import load_dataset
 

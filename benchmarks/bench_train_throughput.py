@@ -48,8 +48,16 @@ def throughput(models, n, size, batch, rounds, device_spec, threads) -> dict:
 
     from nhb_core.augment import AugmentConfig
     from nhb_core.models import create_model
-    from nhb_core.train import (SliceTensors, TrainConfig, amp_settings, autocast_ctx, lr_factor, make_batches,
-                                resolve_device, train_one_epoch)
+    from nhb_core.train import (
+        SliceTensors,
+        TrainConfig,
+        amp_settings,
+        autocast_ctx,
+        lr_factor,
+        make_batches,
+        resolve_device,
+        train_one_epoch,
+    )
 
     torch.set_num_threads(threads)
     device = resolve_device(device_spec)

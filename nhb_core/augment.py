@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from nhb_core.errors import ConfigError
 
@@ -88,7 +88,7 @@ class AugmentConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Optional[dict[str, Any]]) -> "AugmentConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> AugmentConfig:
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -119,7 +119,7 @@ def _random_blur(x, sigma):
     return y.view(b, k, h, w)
 
 
-def augment_batch(x, generator, config: Optional[AugmentConfig] = None, intensity_channels: Optional[int] = None):
+def augment_batch(x, generator, config: AugmentConfig | None = None, intensity_channels: int | None = None):
     """Randomly transform a batch (a new tensor; ``x`` is not modified).
 
     Parameters

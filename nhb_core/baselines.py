@@ -36,7 +36,7 @@ True
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -91,16 +91,16 @@ class SIRatioBaseline:
     def __init__(self, C: float = 1.0, balanced: bool = True) -> None:
         self.C = float(C)
         self.balanced = bool(balanced)
-        self.coef_: Optional[list[float]] = None
-        self.intercept_: Optional[float] = None
-        self.mean_: Optional[list[float]] = None
-        self.scale_: Optional[list[float]] = None
-        self.threshold: Optional[float] = None
-        self.val_auc: Optional[float] = None
+        self.coef_: list[float] | None = None
+        self.intercept_: float | None = None
+        self.mean_: list[float] | None = None
+        self.scale_: list[float] | None = None
+        self.threshold: float | None = None
+        self.val_auc: float | None = None
         self.n_train: int = 0
 
-    def fit(self, index, train_rows: np.ndarray, val_rows: Optional[np.ndarray] = None,
-            aggregate: str = "mean") -> "SIRatioBaseline":
+    def fit(self, index, train_rows: np.ndarray, val_rows: np.ndarray | None = None,
+            aggregate: str = "mean") -> SIRatioBaseline:
         """Fit on ``train_rows`` (slices) of ``index``; threshold and AUC on ``val_rows``."""
         from sklearn.linear_model import LogisticRegression
 
@@ -148,7 +148,7 @@ class SIRatioBaseline:
                 "val_auc": self.val_auc, "n_train_slices": self.n_train}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SIRatioBaseline":
+    def from_dict(cls, d: dict[str, Any]) -> SIRatioBaseline:
         b = cls(C=float(d.get("C", 1.0)), balanced=d.get("class_weight") == "balanced")
         b.coef_, b.intercept_ = list(d["coef"]), float(d["intercept"])
         b.mean_, b.scale_ = list(d["mean"]), list(d["scale"])

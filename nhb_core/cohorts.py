@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from nhb_core.errors import ConfigError, ManifestError, RunError
 from nhb_core.fileio import atomic_write_json, read_json, sha256_file
@@ -68,8 +68,8 @@ def external_cohorts(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, name: str,
-                    progress: Optional[ProgressCallback] = None, device: str = "auto",
-                    workers: Optional[int] = None, batch_size: int = 128) -> dict[str, Any]:
+                    progress: ProgressCallback | None = None, device: str = "auto",
+                    workers: int | None = None, batch_size: int = 128) -> dict[str, Any]:
     """Evaluate every model and baseline of a finished run on a new cohort (see the module doc).
 
     Parameters
@@ -93,8 +93,7 @@ def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, nam
     import pandas as pd
 
     from nhb_core.config import dataclass_kwargs, resolve_config
-    from nhb_core.evaluate import set_file_stem, write_predictions
-    from nhb_core.evaluate import predict_slices
+    from nhb_core.evaluate import predict_slices, set_file_stem, write_predictions
     from nhb_core.manifest import validate_manifest
     from nhb_core.models import load_trained
     from nhb_core.runs import now_iso, read_status
@@ -206,7 +205,7 @@ def _run_dataset(rd: Path, cfg: dict[str, Any]) -> Path:
     return rd / "dataset"
 
 
-def _tag(progress: Optional[ProgressCallback], stage: str) -> Optional[ProgressCallback]:
+def _tag(progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
     from nhb_core.study import _tag as tag
 
     return tag(progress, stage)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from nhb_core.errors import ConfigError
 from nhb_core.fileio import atomic_write_text
@@ -78,7 +79,7 @@ def default_config() -> dict[str, Any]:
     return copy.deepcopy(DEFAULTS)
 
 
-def deep_merge(base: Mapping[str, Any], override: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
     """A new dict: ``base`` updated by ``override`` recursively (lists and scalars replace)."""
     out = copy.deepcopy(dict(base))
     for k, v in (override or {}).items():
@@ -135,7 +136,7 @@ def _parse_models(models: Any, source: str) -> list[str]:
     return out
 
 
-def _parse_seeds(value: Any, source: str) -> Optional[list[int]]:
+def _parse_seeds(value: Any, source: str) -> list[int] | None:
     if value is None or value == []:
         return None
     if isinstance(value, str):
@@ -172,8 +173,8 @@ def _parse_baselines(value: Any, source: str) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def resolve_config(config: Optional[Mapping[str, Any] | str | os.PathLike] = None,
-                   overrides: Optional[Mapping[str, Any]] = None,
+def resolve_config(config: Mapping[str, Any] | str | os.PathLike | None = None,
+                   overrides: Mapping[str, Any] | None = None,
                    source: str = "config") -> dict[str, Any]:
     """The full study config: defaults < ``config`` (dict or YAML path) < ``overrides``.
 
@@ -313,7 +314,7 @@ def _type_ok(value: Any, kind: type) -> bool:
     return True
 
 
-def _section_fields(section: str) -> Optional[dict[str, Any]]:
+def _section_fields(section: str) -> dict[str, Any] | None:
     """Field name -> default of the dataclass (or function) behind an open section, or None."""
     import dataclasses
     import inspect
@@ -343,7 +344,7 @@ def _section_fields(section: str) -> Optional[dict[str, Any]]:
     return None
 
 
-def validate_config(cfg: Mapping[str, Any], source: str = "config", cli: Optional[set] = None) -> None:
+def validate_config(cfg: Mapping[str, Any], source: str = "config", cli: set | None = None) -> None:
     """Check a resolved config's keys, types and ranges; one :class:`ConfigError` naming ``source``.
 
     Runs before any work starts (``resolve_config`` calls it), so a bad ``stats.n_boot`` or an
@@ -432,10 +433,11 @@ _DEVICE_RE = __import__("re").compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 def to_yaml(cfg: Mapping[str, Any]) -> str:
     """The config as YAML text (keys in :data:`DEFAULTS` order)."""
+    import json
+
     import yaml
 
     from nhb_core.fileio import to_json
-    import json
 
     plain = json.loads(to_json(dict(cfg)))  # numpy/Path-safe plain types
     return yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, allow_unicode=True)

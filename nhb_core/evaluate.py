@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def set_file_stem(set_name: str) -> str:
 
 
 def predict_slices(model, images, batch_size: int = 256, device: str = "cpu", amp: bool = False,
-                   channels_last: Optional[bool] = None) -> np.ndarray:
+                   channels_last: bool | None = None) -> np.ndarray:
     """Probabilities of label 1 for a stack of slices.
 
     Parameters
@@ -133,11 +132,11 @@ def _merge_write(path: Path, new, keys: list[str], column: str) -> None:
         new.to_csv(tmp, index=False, float_format="%.8g")
 
 
-def evaluate_model(model_dir: Union[str, os.PathLike], dataset_dir: Union[str, os.PathLike],
-                   split: Union[dict, str, os.PathLike], out_dir: Union[str, os.PathLike],
-                   aggregate: str = "mean", progress: Optional[ProgressCallback] = None,
-                   batch_size: int = 256, device: str = "auto", sets: Optional[list[str]] = None,
-                   model_name: Optional[str] = None) -> dict[str, Path]:
+def evaluate_model(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike,
+                   split: dict | str | os.PathLike, out_dir: str | os.PathLike,
+                   aggregate: str = "mean", progress: ProgressCallback | None = None,
+                   batch_size: int = 256, device: str = "auto", sets: list[str] | None = None,
+                   model_name: str | None = None) -> dict[str, Path]:
     """Predict every evaluation set of ``split`` and write the predictions CSVs.
 
     Parameters
@@ -190,9 +189,9 @@ def evaluate_model(model_dir: Union[str, os.PathLike], dataset_dir: Union[str, o
         name, ds, split_d, out_dir, aggregate=aggregate, progress=progress, sets=sets)
 
 
-def write_predictions(score_rows, name: str, ds, split: dict, out_dir: Union[str, os.PathLike],
-                      aggregate: str = "mean", progress: Optional[ProgressCallback] = None,
-                      sets: Optional[list[str]] = None) -> dict[str, Path]:
+def write_predictions(score_rows, name: str, ds, split: dict, out_dir: str | os.PathLike,
+                      aggregate: str = "mean", progress: ProgressCallback | None = None,
+                      sets: list[str] | None = None) -> dict[str, Path]:
     """Write the ``name`` column of every evaluation set's predictions files.
 
     The one writer for networks and baselines (``nhb_core.baselines``) alike.

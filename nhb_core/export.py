@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -26,7 +25,7 @@ from nhb_core.errors import InputError, RunError
 from nhb_core.fileio import atomic_path, atomic_write_json
 from nhb_core.progress import ProgressCallback, emit
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: Largest allowed |ONNX - PyTorch| on the logits for an export to be kept.
 PARITY_ATOL = 1e-4
@@ -114,8 +113,8 @@ def check_parity(onnx_path: PathLike, model, in_chans: int, input_hw: tuple[int,
     return max(diff, pdiff)
 
 
-def export_onnx(run_dir: PathLike, out_dir: Optional[PathLike] = None, models: Optional[list[str]] = None,
-                opset: int = OPSET, progress: Optional[ProgressCallback] = None) -> list[Path]:
+def export_onnx(run_dir: PathLike, out_dir: PathLike | None = None, models: list[str] | None = None,
+                opset: int = OPSET, progress: ProgressCallback | None = None) -> list[Path]:
     """Export every trained model of a run to ONNX.
 
     Parameters

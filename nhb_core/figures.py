@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -27,7 +28,7 @@ READER_SYMBOLS = ["diamond", "square", "triangle-up", "cross", "star", "x"]
 ROI_COLOURS = {1: (0, 220, 0), 2: (255, 140, 0)}
 
 
-def contour_rgb(gray: np.ndarray, labels: Optional[np.ndarray] = None, scale: int = 1) -> np.ndarray:
+def contour_rgb(gray: np.ndarray, labels: np.ndarray | None = None, scale: int = 1) -> np.ndarray:
     """RGB uint8 [H*scale, W*scale, 3]: a uint8 grayscale image enlarged ``scale`` times (nearest),
     with the outline of each ROI label in its colour (:data:`ROI_COLOURS`; other labels yellow)."""
     from scipy.ndimage import binary_erosion
@@ -46,7 +47,7 @@ def contour_rgb(gray: np.ndarray, labels: Optional[np.ndarray] = None, scale: in
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
 
 
-def model_color(name: str, models: Optional[Sequence[str]] = None) -> str:
+def model_color(name: str, models: Sequence[str] | None = None) -> str:
     """A stable colour for a model (by position in ``models`` when given)."""
     if models is not None and name in models:
         return PALETTE[list(models).index(name) % len(PALETTE)]
@@ -99,7 +100,7 @@ def _fmt_ci(v: Any, ci: Any, digits: int = 3) -> str:
     return s
 
 
-def _value(x: Any) -> Optional[float]:
+def _value(x: Any) -> float | None:
     """A metric that is either a number or ``{"value": .., "ci": [..]}``."""
     if isinstance(x, Mapping):
         x = x.get("value")
@@ -115,7 +116,7 @@ def _centers_of(metrics: Mapping[str, Any], set_name: str) -> list[str]:
     return []
 
 
-def oracle_for_set(metrics: Mapping[str, Any], set_name: str, key: str = "oracle_auc") -> Optional[float]:
+def oracle_for_set(metrics: Mapping[str, Any], set_name: str, key: str = "oracle_auc") -> float | None:
     """The synthetic cohort's oracle AUC for a set's center(s) (mean over them), or None.
 
     ``key="visible_auc"``: the image-visible signal's AUC (the ceiling of an image model)."""
@@ -145,7 +146,7 @@ def binormal_roc(auc_value: float, n: int = 101) -> tuple[np.ndarray, np.ndarray
 
 
 def roc_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
-               models: Optional[Sequence[str]] = None, show_readers: bool = True,
+               models: Sequence[str] | None = None, show_readers: bool = True,
                show_oracle: bool = True, height: int = 420) -> go.Figure:
     """ROC curves of every model on one set, with 95% confidence bands, reader points and the oracle.
 
@@ -291,7 +292,7 @@ def confusion_counts(y: Sequence[int], prob: Sequence[float], threshold: float) 
 
 
 def confusion_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
-                     pred: "Any" = None, show_readers: bool = True) -> go.Figure:
+                     pred: Any = None, show_readers: bool = True) -> go.Figure:
     """One 2x2 confusion matrix per model (and per reader) on one set, at each model's threshold.
 
     Counts come from ``metrics`` (``models[m].confusion`` = ``{"tp", "fp", "tn", "fn"}``, the same for
@@ -301,7 +302,7 @@ def confusion_figure(metrics: Mapping[str, Any], set_name: str, level: str = "su
     blk = level_block(metrics, set_name, level)
     title = f"Confusion matrices, {set_label(set_name)} ({level} level)"
     thresholds = thresholds_of(metrics)
-    cells: list[tuple[str, np.ndarray, Optional[float]]] = []
+    cells: list[tuple[str, np.ndarray, float | None]] = []
     for m in models_of(metrics):
         mm = (blk.get("models") or {}).get(m)
         if mm is None:
@@ -345,7 +346,7 @@ def _calib_points(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray
 
 
 def calibration_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
-                       pred: "Any" = None, n_bins: int = 8) -> go.Figure:
+                       pred: Any = None, n_bins: int = 8) -> go.Figure:
     """Reliability diagram of every model on one set (Wilson 95% CI of each bin's observed fraction).
 
     Uses ``models[m].calibration.bins`` of metrics.json (``mean_predicted``, ``observed``,
@@ -412,7 +413,7 @@ def net_benefit(y: Sequence[int], prob: Sequence[float], thresholds: Sequence[fl
 
 
 def decision_curve_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subject",
-                          pred: "Any" = None) -> go.Figure:
+                          pred: Any = None) -> go.Figure:
     """Decision-curve analysis: net benefit of every model vs treat-all / treat-none.
 
     Uses ``models[m].decision_curve`` of metrics.json (``thresholds``, ``net_benefit``, ``treat_all``);
@@ -453,7 +454,7 @@ def decision_curve_figure(metrics: Mapping[str, Any], set_name: str, level: str 
     return fig
 
 
-def training_figure(histories: Mapping[str, Any], models: Optional[Sequence[str]] = None,
+def training_figure(histories: Mapping[str, Any], models: Sequence[str] | None = None,
                     title: str = "Training curves") -> go.Figure:
     """Loss (train solid, validation dashed) and validation AUC per epoch for each model.
 
@@ -499,14 +500,21 @@ def flow_figure(flow: Mapping[str, Any], title: str = "Flow: subjects and slices
         n_dev = sum(sets[s]["subjects"] for s in dev_sets)
         labels.append(f"development: {n_dev} subjects")
         dev_node = len(labels) - 1
-        src.append(0); dst.append(dev_node); val.append(max(n_dev, 1e-9)); custom.append(n_dev)
+        src.append(0)
+        dst.append(dev_node)
+        val.append(max(n_dev, 1e-9))
+        custom.append(n_dev)
         for s in dev_sets:
             labels.append(f"{set_label(s)}: {sets[s]['subjects']} subjects, {sets[s]['slices']} slices")
-            src.append(dev_node); dst.append(len(labels) - 1); val.append(max(sets[s]["subjects"], 1e-9))
+            src.append(dev_node)
+            dst.append(len(labels) - 1)
+            val.append(max(sets[s]["subjects"], 1e-9))
             custom.append(sets[s]["subjects"])
     for s in ext_sets:
         labels.append(f"{set_label(s)}: {sets[s]['subjects']} subjects, {sets[s]['slices']} slices")
-        src.append(0); dst.append(len(labels) - 1); val.append(max(sets[s]["subjects"], 1e-9))
+        src.append(0)
+        dst.append(len(labels) - 1)
+        val.append(max(sets[s]["subjects"], 1e-9))
         custom.append(sets[s]["subjects"])
     fig = go.Figure(go.Sankey(node=dict(label=labels, pad=18, thickness=16, color="#9ecae1"),
                               link=dict(source=src, target=dst, value=val, customdata=custom,
@@ -588,7 +596,7 @@ def seeds_figure(seeds: Mapping[str, Any], height: int = 360) -> go.Figure:
 
 # ----------------------------------------------------------------------------- loaders for callers
 
-def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subject") -> "Any":
+def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subject") -> Any:
     """``RUNDIR/predictions/<set>__<level>s.csv`` as a DataFrame (None when absent)."""
     import pandas as pd
 

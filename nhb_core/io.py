@@ -478,7 +478,7 @@ def _read_header(p: Path):
             if "Rows" in ds:
                 return ds
             raise DicomError(p, "file looks like DICOM but is not readable DICOM (truncated or corrupt)",
-                             _FIX_COPY + ", or remove the file from the series folder")
+                             _FIX_COPY + ", or remove the file from the series folder") from None
         return None
     except Exception as err:
         if claims:

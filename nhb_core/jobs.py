@@ -30,8 +30,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from nhb_core.errors import ConfigError, RunError
 from nhb_core.fileio import atomic_write_text
@@ -79,7 +80,7 @@ def _unique_dir(runs_dir: Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------- processes
-def _proc_stat_fields(pid: int) -> Optional[list[str]]:
+def _proc_stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (state first), or None (Linux)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -90,7 +91,7 @@ def _proc_stat_fields(pid: int) -> Optional[list[str]]:
     return raw[raw.rfind(")") + 2:].split()
 
 
-def _proc_start_ticks(pid: int) -> Optional[int]:
+def _proc_start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (Linux /proc), or None."""
     rest = _proc_stat_fields(pid)
     try:
@@ -99,7 +100,7 @@ def _proc_start_ticks(pid: int) -> Optional[int]:
         return None
 
 
-def _proc_state(pid: int) -> Optional[str]:
+def _proc_state(pid: int) -> str | None:
     rest = _proc_stat_fields(pid)
     return rest[0] if rest else None
 
@@ -108,7 +109,7 @@ def _proc_state(pid: int) -> Optional[str]:
 _EXIT_CODES: dict[int, int] = {}
 
 
-def _reap(pid: int) -> Optional[int]:
+def _reap(pid: int) -> int | None:
     """Reap ``pid`` if it is a finished child of this process; its exit code or None.
 
     The code is remembered (``_EXIT_CODES``): :func:`is_alive` reaps too, and a later
@@ -134,7 +135,7 @@ def _reap(pid: int) -> Optional[int]:
     return rc
 
 
-def is_alive(pid: Optional[int], start_ticks: Optional[int] = None) -> bool:
+def is_alive(pid: int | None, start_ticks: int | None = None) -> bool:
     """Whether process ``pid`` is running (not a zombie) and, when ``start_ticks``
     is given, is the same process that was started then (pids are reused)."""
     if not pid:
@@ -181,7 +182,7 @@ def _group_alive(pgid: int) -> bool:
     return True  # pragma: no cover
 
 
-def job_pid(status: dict[str, Any] | None) -> Optional[int]:
+def job_pid(status: dict[str, Any] | None) -> int | None:
     """The pid recorded in a status dict (or None)."""
     if not status:
         return None
@@ -330,7 +331,7 @@ def start_queued(runs_dir: str | os.PathLike, max_running: int = DEFAULT_MAX_RUN
     return started
 
 
-def _last_error_line(run_dir: Path) -> Optional[str]:
+def _last_error_line(run_dir: Path) -> str | None:
     """The last ``error: ...`` line (or the last line) of the run's log.txt."""
     p = run_dir / "log.txt"
     try:
@@ -439,7 +440,7 @@ def cancel(run_dir: str | os.PathLike, grace_s: float = 5.0) -> dict[str, Any]:
     return write_status(run_dir, "cancelled", error=None, cancelled=now_iso())
 
 
-def queue_position(runs_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Optional[int]:
+def queue_position(runs_dir: str | os.PathLike, run_dir: str | os.PathLike) -> int | None:
     """1-based position of a queued run in the queue, or None if it is not queued."""
     run_dir = Path(run_dir).resolve()
     for i, (r, _st) in enumerate(_queued(list_runs(runs_dir)), start=1):

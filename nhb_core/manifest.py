@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,10 +127,10 @@ class ValidationReport:
     path: str
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
-    manifest: Optional[Manifest] = None
-    cohort_table: Optional[pd.DataFrame] = None
-    reader_table: Optional[pd.DataFrame] = None
-    covariate_table: Optional[pd.DataFrame] = None
+    manifest: Manifest | None = None
+    cohort_table: pd.DataFrame | None = None
+    reader_table: pd.DataFrame | None = None
+    covariate_table: pd.DataFrame | None = None
     n_rows: int = 0
     images_checked: bool = False
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from nhb_core.errors import ConfigError, NetworkUnavailableError, RunError
 
@@ -57,7 +57,7 @@ def _network_available(host: str = "huggingface.co", port: int = 443, timeout: f
         return False
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Read a weights file without executing code.
 
     ``.safetensors`` via safetensors; anything else via
@@ -99,7 +99,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Any]:
 _HEAD_NAMES = ("classifier", "fc", "head", "heads", "last_linear")
 
 
-def _positional_remap(sd: dict, name: str) -> Optional[dict]:
+def _positional_remap(sd: dict, name: str) -> dict | None:
     """Rename a foreign-layout state dict (e.g. torchvision's EfficientNet) to timm's
     names by position, when every tensor's shape matches in order; the classifier is
     left out. Tries the file's order, then module order recovered by a natural sort
@@ -129,10 +129,9 @@ def _as_tuple(v) -> tuple:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-def _load_local_weights(name: str, in_chans: int, path: Union[str, os.PathLike], extra: Optional[dict] = None):
+def _load_local_weights(name: str, in_chans: int, path: str | os.PathLike, extra: dict | None = None):
     """Model ``name`` with ``in_chans`` inputs and one logit, holding the file's weights
     (every tensor but the classifier's; the stem adapted to ``in_chans``)."""
-    import torch
     from timm.models import adapt_input_conv
 
     timm = _timm()
@@ -186,7 +185,7 @@ def _init_head(model):
     return model
 
 
-def create_model(name: str, in_chans: int, weights: Optional[Union[str, os.PathLike]] = None,
+def create_model(name: str, in_chans: int, weights: str | os.PathLike | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
     """A timm classifier with one output logit.
 
@@ -255,7 +254,7 @@ WEIGHTS_ENV = "NHB_WEIGHTS_DIR"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def local_imagenet_weights(name: str) -> Optional[Path]:
+def local_imagenet_weights(name: str) -> Path | None:
     """The ImageNet weights file of ``name`` in the folder ``$NHB_WEIGHTS_DIR``, or None.
 
     Looks for ``<name>.safetensors`` (then ``.pth``, ``.pt``, ``.bin``), also under the
@@ -329,7 +328,7 @@ def check_input_size(model, name: str, in_chans: int, input_hw: tuple[int, int],
         model.train(was_training)
 
 
-def default_target_layer(model, name: Optional[str] = None):
+def default_target_layer(model, name: str | None = None):
     """The module whose activations Grad-CAM uses: the last convolutional block.
 
     resnet*: ``layer4[-1]``; densenet*: ``features[-1]`` (final norm + ReLU);
@@ -359,7 +358,7 @@ def default_target_layer(model, name: Optional[str] = None):
     return convs[-1]
 
 
-def save_weights(model, path: Union[str, os.PathLike], metadata: Optional[dict[str, str]] = None) -> Path:
+def save_weights(model, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the model's state dict as safetensors (atomic). DDP wrappers are unwrapped."""
     from safetensors.torch import save_file
 
@@ -372,7 +371,7 @@ def save_weights(model, path: Union[str, os.PathLike], metadata: Optional[dict[s
     return Path(path)
 
 
-def load_trained(model_dir: Union[str, os.PathLike], device: str = "cpu"):
+def load_trained(model_dir: str | os.PathLike, device: str = "cpu"):
     """Load a trained model folder (``model.safetensors`` + ``model.json``), no pickle.
 
     Returns

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from nhb_core.errors import RunError
 from nhb_core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from nhb_core.progress import ProgressCallback, emit
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: The ensemble's decision threshold is the mean of the member models' thresholds.
 ENSEMBLE_THRESHOLD_RULE = "mean of the models' thresholds"
@@ -187,9 +187,9 @@ def _load_inputs(t1, roi):
 # ---------------------------------------------------------------------------------- predict
 
 
-def predict_case(run_dir: PathLike, t1, roi, out_dir: Optional[PathLike] = None, with_cam: bool = True,
-                 progress: Optional[ProgressCallback] = None, method: str = "gradcam", device: str = "cpu",
-                 models: Optional[list[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
+def predict_case(run_dir: PathLike, t1, roi, out_dir: PathLike | None = None, with_cam: bool = True,
+                 progress: ProgressCallback | None = None, method: str = "gradcam", device: str = "cpu",
+                 models: list[str] | None = None, threads: int | None = None) -> dict[str, Any]:
     """Predict one subject with every model of a run (and their ensemble).
 
     Parameters
@@ -347,7 +347,7 @@ def _write_cam_pngs(out: Path, t1v, roiv, names, per_model, cams, extracted, geo
     for name in names:
         key = per_model[name]["_cfg"]
         geo = geo_by_cfg[key]
-        for i, cam_entry in enumerate(per_model[name]["cam"]):
+        for cam_entry in per_model[name]["cam"]:
             z = cam_entry["slice_index"]
             img2d = saliency.display_slice(t1v.data, z)
             roi2d = saliency.display_slice(roi_mask, z)

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
-def emit(progress: Optional[ProgressCallback], stage: str, **fields: Any) -> None:
+def emit(progress: ProgressCallback | None, stage: str, **fields: Any) -> None:
     """Call ``progress`` with ``{"stage": stage, **fields}`` if a callback was given."""
     if progress is not None:
         progress({"stage": stage, **fields})
 
 
-def chain(*callbacks: Optional[ProgressCallback]) -> Optional[ProgressCallback]:
+def chain(*callbacks: ProgressCallback | None) -> ProgressCallback | None:
     """One callback that forwards each update to every non-None callback."""
     cbs = [c for c in callbacks if c is not None]
     if not cbs:
@@ -55,7 +56,7 @@ class EtaEstimator:
 
 
 @contextlib.contextmanager
-def rich_progress(enabled: bool = True) -> Iterator[Optional[ProgressCallback]]:
+def rich_progress(enabled: bool = True) -> Iterator[ProgressCallback | None]:
     """A callback that renders updates as rich progress bars (one task per stage/model).
 
     Yields None when disabled, so library code pays nothing; draws nothing when
@@ -65,8 +66,14 @@ def rich_progress(enabled: bool = True) -> Iterator[Optional[ProgressCallback]]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     columns = [

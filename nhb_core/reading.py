@@ -27,9 +27,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def _now() -> float:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(float(t), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(float(t), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def reading_root(runs_dir: str | os.PathLike) -> Path:
@@ -124,7 +125,7 @@ def list_sessions(runs_dir: str | os.PathLike) -> list[dict]:
     return sorted(out, key=lambda s: s.get("created", 0), reverse=True)
 
 
-def _run_manifest(run_dir: Path) -> Optional[str]:
+def _run_manifest(run_dir: Path) -> str | None:
     try:
         import yaml
 
@@ -149,7 +150,7 @@ def _set_table(run_dir: Path, set_name: str):
     return pd.read_csv(p, dtype={"subject_id": str, "center": str}), p
 
 
-def sample_cases(table, n_cases: Optional[int], seed: int, stratify: Sequence[str] = ("label",)):
+def sample_cases(table, n_cases: int | None, seed: int, stratify: Sequence[str] = ("label",)):
     """A stratified random sample of ``n_cases`` rows of a set's subject table (all when ``None``).
 
     Each stratum (``label``, optionally ``center``) gets its share of ``n_cases`` rounded by largest
@@ -198,10 +199,10 @@ def _new_code(used: set) -> str:
 
 # ----------------------------------------------------------------------------- creation
 def create_session(runs_dir: str | os.PathLike, run_dir: str | os.PathLike, readers: Sequence[str], *,
-                   set_name: str = "test", n_cases: Optional[int] = None, stratify: Sequence[str] = ("label",),
+                   set_name: str = "test", n_cases: int | None = None, stratify: Sequence[str] = ("label",),
                    arms: Sequence[str] = ("unaided",), arm_order: str = "unaided-first", washout_days: float = 0.0,
-                   allow_revision: bool = False, call_mode: str = "derived", models: Optional[Sequence[str]] = None,
-                   seed: Optional[int] = None, title: str = "", now: Optional[float] = None) -> Path:
+                   allow_revision: bool = False, call_mode: str = "derived", models: Sequence[str] | None = None,
+                   seed: int | None = None, title: str = "", now: float | None = None) -> Path:
     """Create a reading session on a finished run; returns its folder.
 
     Parameters
@@ -373,7 +374,7 @@ def _arm_status(sess: dict, reader: dict, now: float) -> list[dict]:
     return out
 
 
-def reader_state(sdir: str | os.PathLike, reader_id: str, now: Optional[float] = None) -> dict:
+def reader_state(sdir: str | os.PathLike, reader_id: str, now: float | None = None) -> dict:
     """What a reader's page may know: no subject id, center, truth or other reader.
 
     Returns
@@ -416,9 +417,9 @@ def reader_state(sdir: str | os.PathLike, reader_id: str, now: Optional[float] =
     return {**st, "state": "reading"}
 
 
-def save_answer(sdir: str | os.PathLike, reader_id: str, code: str, rating: int, *, call: Optional[int] = None,
-                seconds: Optional[float] = None, comment: str = "", arm: Optional[str] = None,
-                now: Optional[float] = None) -> dict:
+def save_answer(sdir: str | os.PathLike, reader_id: str, code: str, rating: int, *, call: int | None = None,
+                seconds: float | None = None, comment: str = "", arm: str | None = None,
+                now: float | None = None) -> dict:
     """Record one answer at once (atomic rewrite of ``answers/<reader>__<arm>.json`` under a lock).
 
     ``rating`` 1-5; ``call`` 0/1 (required when the session's call mode is ``separate``; else derived
@@ -483,7 +484,7 @@ def save_answer(sdir: str | os.PathLike, reader_id: str, code: str, rating: int,
         return rec
 
 
-def progress(sdir: str | os.PathLike, now: Optional[float] = None):
+def progress(sdir: str | os.PathLike, now: float | None = None):
     """The owner's view of an open session: one row per reader x arm with counts only, never answers.
 
     Columns: ``reader, reader_id, arm, arm_number, done, cases, fraction, state, last_activity``.
@@ -511,7 +512,7 @@ def progress(sdir: str | os.PathLike, now: Optional[float] = None):
 
 
 # ----------------------------------------------------------------------------- closing
-def close_session(sdir: str | os.PathLike, now: Optional[float] = None) -> dict:
+def close_session(sdir: str | os.PathLike, now: float | None = None) -> dict:
     """Close a session: no more answers; writes ``readings/<reader_id>__<arm>.csv`` (one per reader and
     arm, every answer with the subject id and truth) and ``readings.csv`` (long format ``reader,
     modality, case_id, truth, rating``, rows sorted by modality, reader, case_id). Idempotent.
@@ -674,7 +675,7 @@ def install_readings(sdir: str | os.PathLike, overwrite: bool = False) -> Path:
 
 # ----------------------------------------------------------------------------- images
 _VOLS: dict[str, Any] = {}
-_PNGS: "OrderedDict[tuple, bytes]" = OrderedDict()
+_PNGS: OrderedDict[tuple, bytes] = OrderedDict()
 _PNG_LOCK = threading.Lock()
 _INFLIGHT: set = set()
 _VOL_LOCK = threading.Lock()
@@ -741,7 +742,7 @@ def case_slice_count(sdir: str | os.PathLike, code: str) -> int:
 
 
 def render_slice_png(sdir: str | os.PathLike, code: str, position: int, view: str = "full", level: float = 0.5,
-                     width: float = 1.0, roi: bool = True, size_px: int = 384, sess: Optional[dict] = None) -> bytes:
+                     width: float = 1.0, roi: bool = True, size_px: int = 384, sess: dict | None = None) -> bytes:
     """PNG bytes (no metadata) of case ``code``'s GP slice number ``position`` (0-based among its
     GP slices): ``view="full"`` the whole axial T1 slice, ``"crop"`` the dataset's zoomed GP crop;
     window/level on the slice's percentile range; the ROI outline when ``roi``. Radiological
@@ -767,7 +768,7 @@ def default_position(n_slices: int) -> int:
 
 
 def prefetch(sdir: str | os.PathLike, codes: Sequence[str], level: float = 0.5, width: float = 1.0,
-             roi: bool = True) -> Optional[threading.Thread]:
+             roi: bool = True) -> threading.Thread | None:
     """Render the opening slice (both views) of the next case(s) in a background thread while the
     reader reads the current one, so that the click on *Save and next case* finds them ready."""
     job = (str(sdir), tuple(c for c in codes if c), round(float(level), 4), round(float(width), 4), bool(roi))
@@ -826,7 +827,7 @@ def _aided_now(sdir, reader_id: str) -> bool:
     return bool(st["aided"]) and st["state"] in ("reading", "done")
 
 
-def aid_info(sdir: str | os.PathLike, reader_id: str, code: str, sess: Optional[dict] = None) -> list[dict]:
+def aid_info(sdir: str | os.PathLike, reader_id: str, code: str, sess: dict | None = None) -> list[dict]:
     """The aided arm's help for one case: ``[{"model", "probability", "threshold"}]``. Refused unless
     the reader's current arm is the aided one (the unaided arm never gets a model output)."""
     sess = sess or load_session(sdir)
@@ -845,7 +846,7 @@ def aid_info(sdir: str | os.PathLike, reader_id: str, code: str, sess: Optional[
 
 
 def render_cam_png(sdir: str | os.PathLike, reader_id: str, code: str, position: int, model: str,
-                   alpha: float = 0.45, sess: Optional[dict] = None) -> bytes:
+                   alpha: float = 0.45, sess: dict | None = None) -> bytes:
     """Aided arm only: the network's Grad-CAM over the zoomed GP crop (``nhb_core.saliency``), PNG bytes."""
     from nhb_core import saliency
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from nhb_core import figures as F
 from nhb_core.errors import RunError
@@ -117,7 +118,7 @@ class _Figs:
                            config={"displaylogo": False, "responsive": True})
 
 
-def _img_data_uri(path: Path) -> Optional[str]:
+def _img_data_uri(path: Path) -> str | None:
     try:
         data = path.read_bytes()
     except OSError:
@@ -125,12 +126,12 @@ def _img_data_uri(path: Path) -> Optional[str]:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _load_saliency(run_dir: Path) -> Optional[dict[str, Any]]:
+def _load_saliency(run_dir: Path) -> dict[str, Any] | None:
     p = run_dir / "saliency" / "summary.json"
     if not p.exists():
         return None
     data = read_json(p)
-    for model, blk in (data.get("models") or {}).items():
+    for blk in (data.get("models") or {}).values():
         for case in blk.get("cases") or []:
             png = case.get("png")
             case["img"] = None
@@ -143,7 +144,6 @@ def _load_saliency(run_dir: Path) -> Optional[dict[str, Any]]:
 
 def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Everything the template shows, read from the run folder (figures as HTML snippets)."""
-    import pandas as pd
     import plotly
 
     run_dir = Path(run_dir)
@@ -153,7 +153,6 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     metrics = read_json(mpath)
     run = metrics.get("run") or {}
     models = F.models_of(metrics)
-    thresholds = F.thresholds_of(metrics)
     readers = list(run.get("readers") or [])
     sets = _ordered_sets(metrics)
     figs = _Figs()
@@ -450,7 +449,7 @@ def render_report(run_dir: str | os.PathLike) -> str:
     return env.from_string(TEMPLATE).render(**ctx)
 
 
-def write_report(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the self-contained ``report.html`` of a finished run.
 
     Parameters

@@ -54,7 +54,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -170,7 +170,7 @@ class RoiConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Optional[dict[str, Any]]) -> "RoiConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> RoiConfig:
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
@@ -194,14 +194,14 @@ class _Subject:
 
     sid: str
     vol: np.ndarray
-    roi: Optional[np.ndarray]
+    roi: np.ndarray | None
     M: np.ndarray
     head_xy: np.ndarray
     spacing: tuple
     affine: np.ndarray
 
 
-def _load_subject(sid: str, t1_path: str, roi_path: Optional[str]) -> _Subject:
+def _load_subject(sid: str, t1_path: str, roi_path: str | None) -> _Subject:
     from nhb_core.errors import ImageError
     from nhb_core.io import load_roi, load_t1
     from nhb_core.slices import PrepareConfig, apply_norm, inplane_matrix, intensity_stats
@@ -426,7 +426,7 @@ def _augment_sample(s: _Subject, z: int, cfg: RoiConfig, rng: np.random.Generato
     return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tgt)
 
 
-def _train(train: list[_Subject], cfg: RoiConfig, device, progress: Optional[ProgressCallback]):
+def _train(train: list[_Subject], cfg: RoiConfig, device, progress: ProgressCallback | None):
     import torch
     import torch.nn.functional as F
 
@@ -620,7 +620,7 @@ def _write_manifest(manifest_path: Path, out_dir: Path, new_roi: dict[int, str],
 
 
 def propose_rois(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config: RoiConfig | dict | None = None,
-                 progress: Optional[ProgressCallback] = None) -> Path:
+                 progress: ProgressCallback | None = None) -> Path:
     """Train on the manifest's manual masks and propose the missing ones; returns ``out_dir/manifest.csv``.
 
     Parameters

@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from nhb_core.fileio import atomic_write_json, to_json
 from nhb_core.progress import ProgressCallback
@@ -20,7 +20,7 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -73,7 +73,7 @@ def append_event(run_dir: str | os.PathLike, event: dict[str, Any]) -> None:
         fh.write(line)
 
 
-def read_events(run_dir: str | os.PathLike, last: Optional[int] = None) -> list[dict[str, Any]]:
+def read_events(run_dir: str | os.PathLike, last: int | None = None) -> list[dict[str, Any]]:
     """All (or the ``last`` n) events; a torn or corrupt line is skipped."""
     p = Path(run_dir) / "events.jsonl"
     if not p.exists():

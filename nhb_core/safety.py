@@ -29,8 +29,9 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO
 
 from nhb_core.errors import ConfigError, ImageError, InputError, RunError
 
@@ -151,7 +152,7 @@ def check_regular_file(path: Path, limit: int, what: str, var: str, error: type 
         raise error(path, f"{what} is not a regular file (a device, pipe or socket)", f"Give the path of the {what} file")
     if st.st_size > limit:
         raise error(path, f"{what} is {_human(st.st_size)}, more than the limit of {_human(limit)}",
-                    f"Check that this is the right file; " + _RAISE.format(var=var))
+                    "Check that this is the right file; " + _RAISE.format(var=var))
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -174,7 +175,7 @@ def check_name(name: Any, what: str, source: Any, fix: str = "") -> str:
     return s
 
 
-def check_label(value: Any, what: str, source: Any, row: Optional[int] = None, error: type = InputError,
+def check_label(value: Any, what: str, source: Any, row: int | None = None, error: type = InputError,
                 path_part: bool = True) -> None:
     """A label that ends up in spreadsheets (a subject id) and, with ``path_part``, in file names
     (a center): not starting like a formula, no control characters; with ``path_part`` also no
@@ -336,7 +337,7 @@ def neutralise_cell(value: Any) -> Any:
     return value
 
 
-def neutralise_csv(df: "Any") -> "Any":
+def neutralise_csv(df: Any) -> Any:
     """A copy of a DataFrame whose text cells (and column names) cannot start a formula.
 
     Numeric columns are untouched (``-0.5`` stays a number); only object/string cells change.

@@ -24,8 +24,9 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def normalize_method(method: str) -> str:
 # target layer
 
 
-def _timm_feature_module(model, input_hw: Optional[tuple[int, int]] = None):
+def _timm_feature_module(model, input_hw: tuple[int, int] | None = None):
     """The deepest timm ``feature_info`` stage whose map keeps at least ``MIN_CAM_CELLS`` cells a side at ``input_hw``.
 
     Falls back to the last stage when ``input_hw`` is unknown or every stage is coarser.
@@ -109,7 +110,7 @@ def _timm_feature_module(model, input_hw: Optional[tuple[int, int]] = None):
 MIN_CAM_CELLS = 16
 
 
-def _output_hw(model, layer, in_chans: int, input_hw: tuple[int, int]) -> Optional[tuple[int, int]]:
+def _output_hw(model, layer, in_chans: int, input_hw: tuple[int, int]) -> tuple[int, int] | None:
     """Spatial size of ``layer``'s output for a zero input of ``input_hw`` (one no-grad pass)."""
     import torch
 
@@ -139,8 +140,8 @@ def _output_hw_locked(model, layer, in_chans, input_hw, hook, seen):
     return seen[0] if seen else None
 
 
-def resolve_target_layer(model, model_name: Optional[str] = None, input_hw: Optional[tuple[int, int]] = None,
-                         in_chans: Optional[int] = None):
+def resolve_target_layer(model, model_name: str | None = None, input_hw: tuple[int, int] | None = None,
+                         in_chans: int | None = None):
     """The layer Grad-CAM reads.
 
     ``nhb_core.models.default_target_layer(model, name)`` (the last convolutional block) unless,
@@ -169,14 +170,14 @@ def resolve_target_layer(model, model_name: Optional[str] = None, input_hw: Opti
 
 
 #: model -> {(name, input_hw, in_chans): target layer}; forgotten with the model.
-_LAYER_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LAYER_MEMO: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------------
 # CAM computation
 
 
-def _as_batch(images) -> "Any":
+def _as_batch(images) -> Any:
     import torch
 
     t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images, dtype=np.float32, copy=True))
@@ -198,7 +199,7 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-def compute_cams(model, images, method: str = "gradcam", target_layer=None, model_name: Optional[str] = None,
+def compute_cams(model, images, method: str = "gradcam", target_layer=None, model_name: str | None = None,
                  batch_size: int = 32, return_probs: bool = False):
     """Class-activation maps for a batch of crops.
 
@@ -279,7 +280,7 @@ def _compute_cams_locked(model, x, m, target_layer, batch_size, return_probs):
     return (out, probs) if return_probs else out
 
 
-def compute_cam(model, image, method: str = "gradcam", target_layer=None, model_name: Optional[str] = None) -> np.ndarray:
+def compute_cam(model, image, method: str = "gradcam", target_layer=None, model_name: str | None = None) -> np.ndarray:
     """Class-activation map of one crop.
 
     Parameters
@@ -558,8 +559,8 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return m & ~binary_erosion(m, border_value=0)
 
 
-def overlay_png(image2d: np.ndarray, cam: Optional[np.ndarray] = None, roi_mask: Optional[np.ndarray] = None,
-                alpha: float = 0.45, colormap: str = "jet", scale: Optional[int] = None,
+def overlay_png(image2d: np.ndarray, cam: np.ndarray | None = None, roi_mask: np.ndarray | None = None,
+                alpha: float = 0.45, colormap: str = "jet", scale: int | None = None,
                 contour_rgb: tuple[int, int, int] = (0, 255, 0)) -> bytes:
     """PNG of a slice in grayscale with the CAM as a colour map and the ROI contour.
 
@@ -635,7 +636,7 @@ def display_slice(volume: np.ndarray, slice_index: int) -> np.ndarray:
 
 
 def crop_geometry(centroid_vox: Sequence[float], spacing: Sequence[float], volume_shape: Sequence[int],
-                  config: Any, affine: Optional[np.ndarray] = None) -> dict[str, Any]:
+                  config: Any, affine: np.ndarray | None = None) -> dict[str, Any]:
     """Where a slice-dataset crop lies on the :func:`display_slice` image (for :func:`paste_back`).
 
     Mirrors ``nhb_core.slices.extract_slices``: crop pixel ``(i, j)`` lies
@@ -725,7 +726,7 @@ def _load_ds(ds_dir: Path):
     return _DATASETS[key]
 
 
-def _set_members(run_dir: Path, set_name: str) -> Optional[set[str]]:
+def _set_members(run_dir: Path, set_name: str) -> set[str] | None:
     from nhb_core.fileio import read_json
 
     p = run_dir / "split.json"
@@ -738,7 +739,7 @@ def _set_members(run_dir: Path, set_name: str) -> Optional[set[str]]:
     return {str(s) for s in sets[set_name]}
 
 
-def _in_set(members: Optional[set[str]], subject_id: str, slice_index: int) -> bool:
+def _in_set(members: set[str] | None, subject_id: str, slice_index: int) -> bool:
     return members is None or subject_id in members or f"{subject_id}#{slice_index}" in members
 
 
@@ -757,7 +758,7 @@ def _cache_path(run_dir: Path, model_name: str, method: str, subject_id: str, sl
             f"{_safe_part(subject_id)}__z{int(slice_index):03d}__{key[:16]}.npz")
 
 
-def _read_npz(path: Path) -> Optional[dict[str, Any]]:
+def _read_npz(path: Path) -> dict[str, Any] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -926,14 +927,14 @@ def cam_on_slice(run_dir: str | os.PathLike, case: dict[str, Any]) -> dict[str, 
     return {"image": img, "roi": display_slice(np.asarray(roi.data) > 0, z), "cam": full, "geometry": geo}
 
 
-def _outcome(label: int, prob: float, thr: Optional[float]) -> str:
+def _outcome(label: int, prob: float, thr: float | None) -> str:
     if thr is None or prob is None or not np.isfinite(prob):
         return ""
     pred = prob >= thr
     return ("TP" if pred else "FN") if label == 1 else ("FP" if pred else "TN")
 
 
-def _pick_cases(ds, members: Optional[set[str]], max_cases: Optional[int], seed: int):
+def _pick_cases(ds, members: set[str] | None, max_cases: int | None, seed: int):
     """One slice per subject of the set (the one with most ROI voxels), stratified by label."""
     idx = ds.index.copy()
     idx["subject_id"] = idx["subject_id"].astype(str)
@@ -963,7 +964,7 @@ def default_set(run_dir: str | os.PathLike) -> str:
     from nhb_core.fileio import read_json
 
     try:
-        sets = list((read_json(Path(run_dir) / "split.json").get("sets") or {}))
+        sets = list(read_json(Path(run_dir) / "split.json").get("sets") or {})
     except (OSError, ValueError):
         sets = []
     if "test" in sets or not sets:
@@ -976,10 +977,10 @@ SUMMARY_COLUMNS = ["model", "subject_id", "center", "slice_index", "label", "pro
                    "outcome", "energy_in_roi", "roi_share", "pointing_hit", "faithfulness", "random_baseline"]
 
 
-def saliency_summary(run_dir: str | os.PathLike, model_name: Optional[str] = None, set_name: Optional[str] = None,
-                     method: str = "gradcam", max_cases: Optional[int] = None,
-                     progress: Optional[ProgressCallback] = None, *, models: Optional[Sequence[str]] = None,
-                     n_cases: Optional[int] = None, out_dir: Optional[str | os.PathLike] = None,
+def saliency_summary(run_dir: str | os.PathLike, model_name: str | None = None, set_name: str | None = None,
+                     method: str = "gradcam", max_cases: int | None = None,
+                     progress: ProgressCallback | None = None, *, models: Sequence[str] | None = None,
+                     n_cases: int | None = None, out_dir: str | os.PathLike | None = None,
                      seed: int = 0, with_faithfulness: bool = True):
     """Attention and faithfulness of a run's models over the cases of one set.
 
@@ -1092,7 +1093,7 @@ def saliency_summary(run_dir: str | os.PathLike, model_name: Optional[str] = Non
     return df
 
 
-def saliency_means(summary) -> "Any":
+def saliency_means(summary) -> Any:
     """Per-model means of a :func:`saliency_summary` table.
 
     Returns

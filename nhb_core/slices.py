@@ -39,18 +39,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from nhb_core.errors import ConfigError, DatasetError, ImageError
-from nhb_core.fileio import (atomic_path, atomic_write_json, atomic_write_text, read_json,
-                             sha256_bytes, sha256_file, sha256_json)
+from nhb_core.fileio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
 from nhb_core.progress import EtaEstimator, ProgressCallback, emit
 
 #: Version of the slice-extraction algorithm; part of every cache key, so that a
@@ -133,7 +139,7 @@ class PrepareConfig:
     norm: str = "percentile"
     ref_ring_mm: float = 6.0
     ref_clip: float = 3.0
-    roi_window_mm: Optional[float] = None
+    roi_window_mm: float | None = None
     p_low: float = 0.5
     p_high: float = 99.5
     z_clip: float = 5.0
@@ -203,7 +209,7 @@ class PrepareConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Optional[dict[str, Any]], source: str = "prepare config") -> "PrepareConfig":
+    def from_dict(cls, d: dict[str, Any] | None, source: str = "prepare config") -> PrepareConfig:
         """Build from a dict (e.g. the ``prepare:`` section of a study config).
 
         Unknown keys raise :class:`ConfigError` naming them (a typo must not be ignored).
@@ -338,7 +344,7 @@ def reference_ring(mask: np.ndarray, config: PrepareConfig) -> np.ndarray:
     return (dist_px > 1.0) & (dist_px * pix_mm <= config.ref_ring_mm + 1e-9)
 
 
-def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, name: Optional[str] = None,
+def reference_norm(raw: np.ndarray, masks: np.ndarray, config: PrepareConfig, name: str | None = None,
                    background: float = 0.0) -> np.ndarray:
     """``(raw - background) / (ref - background) - 1`` per slice, ``ref`` the mean of
     the slice's reference ring (``background``: the volume's black level, its minimum).
@@ -441,7 +447,7 @@ def reference_ring_exclusion(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(np.asarray(mask) > 0, ndimage.generate_binary_structure(2, 2))
 
 
-def inplane_matrix(affine: Optional[np.ndarray], spacing: tuple[float, ...]) -> np.ndarray:
+def inplane_matrix(affine: np.ndarray | None, spacing: tuple[float, ...]) -> np.ndarray:
     """Voxel displacement (along array axes 0, 1) per mm towards patient right / anterior.
 
     Returns a 2x2 matrix ``M``: ``[di, dj] = M @ [d_right_mm, d_anterior_mm]``. The
@@ -488,8 +494,8 @@ def sampling_grid(centre_xy: tuple[float, float], inplane: np.ndarray, config: P
 
 
 def extract_slices(t1: np.ndarray, roi: np.ndarray, spacing: tuple[float, float, float],
-                   config: PrepareConfig, affine: Optional[np.ndarray] = None, t1_name: Optional[str] = None,
-                   roi_name: Optional[str] = None) -> dict[str, Any]:
+                   config: PrepareConfig, affine: np.ndarray | None = None, t1_name: str | None = None,
+                   roi_name: str | None = None) -> dict[str, Any]:
     """All the per-subject work on arrays already loaded (RAS+ closest canonical).
 
     Parameters
@@ -627,7 +633,7 @@ class _HashMemo:
         self.dirty = False
 
     @staticmethod
-    def stat_key(p: str) -> Optional[list[int]]:
+    def stat_key(p: str) -> list[int] | None:
         try:
             st = os.stat(p)
         except OSError:
@@ -636,14 +642,14 @@ class _HashMemo:
             return None
         return [int(st.st_size), int(st.st_mtime_ns)]
 
-    def get(self, p: str) -> Optional[str]:
+    def get(self, p: str) -> str | None:
         key = self.stat_key(p)
         ent = self.data.get(p)
         if key is not None and ent and ent.get("stat") == key:
             return ent["sha256"]
         return None
 
-    def put(self, p: str, sha: str, stat: Optional[list[int]]) -> None:
+    def put(self, p: str, sha: str, stat: list[int] | None) -> None:
         if stat is not None:
             self.data[p] = {"stat": stat, "sha256": sha}
             self.dirty = True
@@ -654,7 +660,7 @@ class _HashMemo:
             self.dirty = False
 
 
-def _hash_input(p: str) -> tuple[str, Optional[list[int]]]:
+def _hash_input(p: str) -> tuple[str, list[int] | None]:
     stat = _HashMemo.stat_key(p)
     if not os.path.exists(p):
         raise ImageError(p, "the file does not exist", "Fix the path in the manifest")
@@ -681,7 +687,7 @@ def _save_cache(path: Path, res: dict[str, Any]) -> None:
             np.save(fh, np.frombuffer(json.dumps(res["warnings"]).encode(), dtype=np.uint8), allow_pickle=False)
 
 
-def _load_cache(path: Path) -> Optional[dict[str, Any]]:
+def _load_cache(path: Path) -> dict[str, Any] | None:
     import json
 
     try:
@@ -743,8 +749,8 @@ class SliceDataset:
     images: np.ndarray
     subjects: pd.DataFrame
     meta: dict[str, Any]
-    masks: Optional[np.ndarray] = None
-    path: Optional[Path] = None
+    masks: np.ndarray | None = None
+    path: Path | None = None
 
     @property
     def in_chans(self) -> int:
@@ -813,7 +819,7 @@ def _outputs_present(out: Path) -> bool:
 
 
 def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config: PrepareConfig | dict | None = None,
-            workers: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> Path:
+            workers: int | None = None, progress: ProgressCallback | None = None) -> Path:
     """Build (or update) the ROI slice dataset of a cohort.
 
     Parameters
@@ -886,7 +892,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
             emit(progress, "prepare", done=n, total=n, message="unchanged (cache)")
             return out
 
-    results: list[Optional[dict[str, Any]]] = [None] * n
+    results: list[dict[str, Any] | None] = [None] * n
     eta = EtaEstimator()
     n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     n_workers = min(n_workers, n)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ def slice_key(subject_id: Any, slice_index: Any) -> str:
     return f"{subject_id}#{int(slice_index)}"
 
 
-def _index_of(dataset_or_index: Any) -> tuple[pd.DataFrame, Optional[str]]:
+def _index_of(dataset_or_index: Any) -> tuple[pd.DataFrame, str | None]:
     """(index DataFrame, dataset_sha256 or None) from a SliceDataset, a folder or a DataFrame."""
     if isinstance(dataset_or_index, pd.DataFrame):
         return dataset_or_index, None
@@ -148,7 +148,7 @@ def _sorted_list(a) -> list[str]:
 
 
 def _train_val_test(members: np.ndarray, labels: np.ndarray, n: int, test_size: float, val_size: float,
-                    folds: Optional[int], rng: np.random.Generator) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
+                    folds: int | None, rng: np.random.Generator) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
     """Stratified test, then validation (``val_size`` of all ``n``) from the rest, then optional K folds.
 
     ``members`` are subject ids or slice keys; the same code serves both split units.
@@ -170,8 +170,8 @@ def _train_val_test(members: np.ndarray, labels: np.ndarray, n: int, test_size: 
                               "val": _sorted_list(f)})
     return sets, fold_list
 
-def make_split(dataset_or_index: Any, dev_centers: Optional[Union[str, list[str]]] = None, test_size: float = 0.2,
-               val_size: float = 0.15, folds: Optional[int] = None, seed: int = 0, unit: str = "subject") -> dict:
+def make_split(dataset_or_index: Any, dev_centers: str | list[str] | None = None, test_size: float = 0.2,
+               val_size: float = 0.15, folds: int | None = None, seed: int = 0, unit: str = "subject") -> dict:
     """Split a dataset into train / val / test (development centers) and external sets.
 
     Parameters
@@ -441,7 +441,7 @@ class AuditReport:
                 "balance": self.balance.to_dict(orient="records"), "problems": list(self.problems)}
 
 
-def audit(dataset: Any, split: Union[dict, str, os.PathLike]) -> AuditReport:
+def audit(dataset: Any, split: dict | str | os.PathLike) -> AuditReport:
     """Check a split against its dataset for leakage, and tabulate label balance.
 
     Parameters

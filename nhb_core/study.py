@@ -28,16 +28,17 @@ failed with the one-line error.
 from __future__ import annotations
 
 import json
-import shutil
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from nhb_core.config import dataclass_kwargs, resolve_config, save_config
 from nhb_core.errors import ConfigError, InputError, ManifestError, NHBError, RunError
@@ -78,7 +79,7 @@ class StageCache:
     def get(self, key: str) -> dict[str, Any]:
         return self.data.get(key) or {}
 
-    def is_fresh(self, key: str, fingerprint: str, output_sha: Callable[[], Optional[str]]) -> bool:
+    def is_fresh(self, key: str, fingerprint: str, output_sha: Callable[[], str | None]) -> bool:
         rec = self.get(key)
         if rec.get("state") != "done" or rec.get("fingerprint") != fingerprint:
             return False
@@ -106,11 +107,11 @@ def _cpu_seconds() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def _sha_or_none(path: Path) -> Optional[str]:
+def _sha_or_none(path: Path) -> str | None:
     return sha256_file(path) if path.exists() else None
 
 
-def _sha_many(paths: list[Path]) -> Optional[str]:
+def _sha_many(paths: list[Path]) -> str | None:
     parts = []
     for p in paths:
         if not p.exists():
@@ -135,7 +136,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         return None
@@ -146,7 +147,7 @@ def _git_commit() -> Optional[str]:
         return None
 
 
-def oracle_auc_for(manifest: Path, key: str = "oracle_auc") -> Optional[dict[str, float]]:
+def oracle_auc_for(manifest: Path, key: str = "oracle_auc") -> dict[str, float] | None:
     """The synthetic cohort's per-center oracle AUC (``cohort.json`` next to the manifest), else None.
 
     ``key="visible_auc"``: the AUC of the image-visible GP signal (the image models' ceiling)."""
@@ -170,7 +171,7 @@ class _SigtermGuard:
         self.prev = None
         self.active = False
 
-    def __enter__(self) -> "_SigtermGuard":
+    def __enter__(self) -> _SigtermGuard:
         if threading.current_thread() is threading.main_thread():
             def _handler(signum, frame):  # noqa: ARG001
                 raise StudyCancelled(f"received signal {signum}")
@@ -219,7 +220,7 @@ def _referenced_files(manifest: Path) -> list[str]:
 
 
 class _Study:
-    def __init__(self, manifest: Path, run_dir: Path, cfg: dict[str, Any], progress: Optional[ProgressCallback]):
+    def __init__(self, manifest: Path, run_dir: Path, cfg: dict[str, Any], progress: ProgressCallback | None):
         self.manifest = manifest
         self.run_dir = run_dir
         self.cfg = cfg
@@ -232,12 +233,12 @@ class _Study:
     def log(self, text: str) -> None:
         append_log(self.run_dir, text)
 
-    def status(self, stage: str, model: Optional[str] = None) -> None:
+    def status(self, stage: str, model: str | None = None) -> None:
         self.current = {"stage": stage, "model": model}
         write_status(self.run_dir, "running", stage=stage, model=model, pid=os.getpid())
 
-    def stage(self, key: str, stage: str, fingerprint: str, outputs: Callable[[], Optional[str]],
-              fn: Callable[[], Any], model: Optional[str] = None, **info: Any) -> bool:
+    def stage(self, key: str, stage: str, fingerprint: str, outputs: Callable[[], str | None],
+              fn: Callable[[], Any], model: str | None = None, **info: Any) -> bool:
         """Run ``fn`` as stage ``key`` unless cached; returns True when it ran."""
         fp = sha256_json({"v": STAGE_VERSION[stage], "fp": fingerprint})
         extra = {"model": model} if model else {}
@@ -295,7 +296,7 @@ class _Study:
                 more = f" (and {len(rep.problems) - 1} more problems, listed in {validation})" if len(rep.problems) > 1 else ""
                 raise ManifestError(first.file, first.problem + more, first.fix, row=first.row)
 
-        def validation_ok() -> Optional[str]:
+        def validation_ok() -> str | None:
             if not validation.exists():
                 return None
             return sha256_file(validation) if read_json(validation).get("ok") else None
@@ -356,7 +357,7 @@ class _Study:
             key = f"train:{name}"
             fp = sha256_json([ds_sha, split_sha, name, tkw, int(cfg.get("n_gpus") or 1) > 1])
 
-            def model_sha(mdir: Path = mdir) -> Optional[str]:
+            def model_sha(mdir: Path = mdir) -> str | None:
                 st = _read_json_or_none(mdir / "status.json")
                 if st is not None and st.get("state") not in (None, "done"):
                     return None
@@ -421,7 +422,7 @@ class _Study:
             stems = [set_file_stem(s) for s in set_names(load_split(split_path)) if s != "train"]
             return [pred_dir / f"{st}__{kind}.csv" for st in stems for kind in ("slices", "subjects")]
 
-        def preds_sha() -> Optional[str]:
+        def preds_sha() -> str | None:
             files = [f for f in own_prediction_files() if f.is_file()]
             if not any(f.name.endswith("__subjects.csv") for f in files):
                 return None
@@ -638,7 +639,7 @@ def _swap_in(new: Path, dest: Path, run_dir: Path) -> None:
     safe_rmtree(old, run_dir)
 
 
-def _pick_cases(subj: "Any", slices: "Any", model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
+def _pick_cases(subj: Any, slices: Any, model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
     """Cases for the Grad-CAM gallery: about half confident correct calls (both classes), half the
     most confident errors (subject-level call vs the model's threshold); one slice per subject (the
     slice whose probability is closest to the subject's)."""
@@ -671,7 +672,7 @@ def _pick_cases(subj: "Any", slices: "Any", model: str, thr: float, n_cases: int
 def saliency_overview(run_dir: Path, models: list[str], out_dir: Path, n_cases: int = 4,
                       method: str = "gradcam", set_name: str = "test", seed: int = 0,
                       with_faithfulness: bool = True,
-                      progress: Optional[ProgressCallback] = None) -> Path:
+                      progress: ProgressCallback | None = None) -> Path:
     """The study's saliency stage, over :mod:`nhb_core.saliency`.
 
     Per model: attention means over ``2 * n_cases`` cases of ``set_name``
@@ -738,14 +739,14 @@ def _stats_kwargs(fn: Callable, scfg: Mapping[str, Any], seed: int) -> dict[str,
     return kw
 
 
-def _read_json_or_none(p: Path) -> Optional[dict[str, Any]]:
+def _read_json_or_none(p: Path) -> dict[str, Any] | None:
     try:
         return read_json(p)
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
 
 
-def _tag(progress: Optional[ProgressCallback], stage: str, **fields: Any) -> Optional[ProgressCallback]:
+def _tag(progress: ProgressCallback | None, stage: str, **fields: Any) -> ProgressCallback | None:
     """A callback that forces ``stage`` (and e.g. ``model``) on every update it forwards."""
     if progress is None:
         return None
@@ -820,7 +821,7 @@ def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
     tables.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
 
-    def _csv(df: "pd.DataFrame", name: str) -> None:
+    def _csv(df: pd.DataFrame, name: str) -> None:
         from nhb_core.safety import neutralise_csv
 
         with atomic_path(tables / name) as tmp:  # for people: no cell a spreadsheet would run as a formula
@@ -851,9 +852,9 @@ def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- public API
 
-def evaluate_baselines(run_dir: Path, ds_dir: Path, split: "Any", pred_dir: Path, aggregate: str = "mean",
-                       progress: Optional[ProgressCallback] = None, names: Optional[list[str]] = None,
-                       sets: Optional[list[str]] = None) -> list[str]:
+def evaluate_baselines(run_dir: Path, ds_dir: Path, split: Any, pred_dir: Path, aggregate: str = "mean",
+                       progress: ProgressCallback | None = None, names: list[str] | None = None,
+                       sets: list[str] | None = None) -> list[str]:
     """Write the predictions columns of the run's fitted baselines (``RUN/baselines/*.json``).
 
     ``split`` is a split dict or path; ``names`` default: every fitted baseline of the run.
@@ -882,9 +883,9 @@ def evaluate_baselines(run_dir: Path, ds_dir: Path, split: "Any", pred_dir: Path
 
 
 def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
-              config: Optional[Mapping[str, Any] | str | os.PathLike] = None,
-              progress: Optional[ProgressCallback] = None,
-              overrides: Optional[Mapping[str, Any]] = None) -> Path:
+              config: Mapping[str, Any] | str | os.PathLike | None = None,
+              progress: ProgressCallback | None = None,
+              overrides: Mapping[str, Any] | None = None) -> Path:
     """Run (or resume) a whole study into ``out_dir``.
 
     Parameters
@@ -954,8 +955,8 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
         return _run_locked(run_dir, status, cfg, man, progress)
 
 
-def _run_locked(run_dir: Path, status: Optional[dict[str, Any]], cfg: dict[str, Any], man: Path,
-                progress: Optional[ProgressCallback]) -> Path:
+def _run_locked(run_dir: Path, status: dict[str, Any] | None, cfg: dict[str, Any], man: Path,
+                progress: ProgressCallback | None) -> Path:
     """The body of :func:`run_study`, run while the run folder's lock is held."""
     status = read_status(run_dir) or status
     mine = {os.getpid(), os.getppid(), os.getpgid(0)}  # a launcher (jobs, torchrun) may have written its pid
@@ -1009,7 +1010,7 @@ def _run_locked(run_dir: Path, status: Optional[dict[str, Any]], cfg: dict[str, 
 
 
 def run_seed_repeats(manifest: Path, run_dir: Path, cfg: Mapping[str, Any],
-                     progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+                     progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Repeat a finished study with each further seed of ``cfg["seeds"]``; write ``RUN/seeds.json``.
 
     The run folder itself holds the first seed's study. Every other seed ``s`` runs the same

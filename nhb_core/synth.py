@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -299,7 +299,7 @@ def _study_stream(seed: int, center: str, index: int) -> np.random.Generator:
 
 
 def reader_study(cohort, seed: int = 0, network=None, aid_weight: float = AID_WEIGHT,
-                 readers: Optional[dict] = None):
+                 readers: dict | None = None):
     """Simulated MRMC reader study: every reader rates every subject on a 1-5 confidence scale.
 
     Reader j's latent read of subject k is ``z = visible_k + N(0, sd_j)`` (``visible`` is the GP
@@ -564,7 +564,7 @@ def _smooth_field(rng, z, y, x, n=6, wavelength=(25.0, 45.0)):
     return out * np.float32(2.0 * math.sqrt(2.0 / n))
 
 
-def render_subject(subject, center: Optional[str] = None, seed: int = 0, index: Optional[int] = None):
+def render_subject(subject, center: str | None = None, seed: int = 0, index: int | None = None):
     """Render one subject's volumes in memory.
 
     Parameters
@@ -825,7 +825,7 @@ def _default_workers() -> int:
 
 
 def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
-               progress: Optional[ProgressCallback] = None, workers: Optional[int] = None,
+               progress: ProgressCallback | None = None, workers: int | None = None,
                write_truth: bool = False, readings: bool = True) -> Path:
     """Write a synthetic two-center neonatal T1WI cohort and return its manifest path.
 

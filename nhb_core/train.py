@@ -39,7 +39,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -144,19 +144,19 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     amp: bool = True
-    channels_last: Optional[bool] = None
+    channels_last: bool | None = None
     eval_batch_size: int = 256
     aggregate: str = "mean"
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
     keep_checkpoint: bool = False
-    steps: Optional[int] = None
-    ema: Optional[float] = None
+    steps: int | None = None
+    ema: float | None = None
     select: str = "best"
     label_smoothing: float = 0.0
     mixup: float = 0.0
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    weights: Optional[str] = None
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         src = "train config"
@@ -237,7 +237,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Optional[dict[str, Any]], source: str = "train config") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any] | None, source: str = "train config") -> TrainConfig:
         """Build from a dict; unknown keys raise :class:`ConfigError` naming them.
         None values mean "default"."""
         d = {k: v for k, v in dict(d or {}).items() if v is not None}
@@ -470,8 +470,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceTensors, batches: list,
                     device, amp_dtype=None, aug_gen=None, aug_config=None, intensity_channels=None,
-                    on_step=None, grad_clip: Optional[float] = None, ema=None, label_smoothing: float = 0.0,
-                    mixup: float = 0.0, mix_rng: Optional[np.random.Generator] = None,
+                    on_step=None, grad_clip: float | None = None, ema=None, label_smoothing: float = 0.0,
+                    mixup: float = 0.0, mix_rng: np.random.Generator | None = None,
                     first_step: int = 0) -> tuple[float, int]:
     """One pass over ``batches`` (lists of positions into ``data``).
 
@@ -611,14 +611,14 @@ def validation_metrics(subject_ids, labels, probs, how: str = "mean") -> dict[st
     return {"val_loss": _bce(labels, probs), "val_auc": _auc(ys, ps), "val_auc_slice": _auc(labels, probs)}
 
 
-def youden_thresholds(subject_ids, labels, probs, how: str = "mean") -> dict[str, Optional[float]]:
+def youden_thresholds(subject_ids, labels, probs, how: str = "mean") -> dict[str, float | None]:
     """Youden-optimal thresholds on validation predictions (positive when p >= threshold):
     ``{"threshold": subject level, "threshold_slice": slice level}``; None when a level has one class."""
     from nhb_core.stats import youden_threshold
 
     labels = np.asarray(labels).astype(int)
     ys, ps = _subject_scores(np.asarray(subject_ids), labels, np.asarray(probs), how)
-    out: dict[str, Optional[float]] = {}
+    out: dict[str, float | None] = {}
     for key, y, p in (("threshold", ys, ps), ("threshold_slice", labels, np.asarray(probs))):
         out[key] = float(youden_threshold(y, p)) if len(np.unique(y)) == 2 else None
     return out
@@ -637,7 +637,7 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def read_history(model_dir: Union[str, os.PathLike]):
+def read_history(model_dir: str | os.PathLike):
     """history.csv as a DataFrame (empty with the columns when absent)."""
     import pandas as pd
 
@@ -654,7 +654,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, str(tmp))
 
 
-def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read checkpoint.pt with ``torch.load(weights_only=True)`` (no code is unpickled)."""
     import torch
 
@@ -676,13 +676,13 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def dataset_sha256(dataset_dir: Union[str, os.PathLike]) -> str:
+def dataset_sha256(dataset_dir: str | os.PathLike) -> str:
     """Fingerprint of a prepared dataset: hash of index.csv and slices.npy bytes."""
     d = Path(dataset_dir)
     return sha256_json([sha256_file(d / "index.csv"), sha256_file(d / "slices.npy")])
 
 
-def _as_split(split: Union[dict, str, os.PathLike]) -> tuple[dict, Optional[str]]:
+def _as_split(split: dict | str | os.PathLike) -> tuple[dict, str | None]:
     from nhb_core.splits import load_split
 
     if isinstance(split, dict):
@@ -695,10 +695,10 @@ def _as_split(split: Union[dict, str, os.PathLike]) -> tuple[dict, Optional[str]
 # --------------------------------------------------------------------------- the training run
 
 
-def train_model(dataset_dir: Union[str, os.PathLike], split: Union[dict, str, os.PathLike], model_name: str,
-                out_dir: Union[str, os.PathLike], config: Optional[Union[TrainConfig, dict]] = None,
-                progress: Optional[ProgressCallback] = None, resume: bool = False,
-                weights: Optional[Union[str, os.PathLike]] = None) -> Path:
+def train_model(dataset_dir: str | os.PathLike, split: dict | str | os.PathLike, model_name: str,
+                out_dir: str | os.PathLike, config: TrainConfig | dict | None = None,
+                progress: ProgressCallback | None = None, resume: bool = False,
+                weights: str | os.PathLike | None = None) -> Path:
     """Train ``model_name`` on the split's train set, select on its val set; write ``out_dir``.
 
     Parameters
@@ -727,7 +727,6 @@ def train_model(dataset_dir: Union[str, os.PathLike], split: Union[dict, str, os
     -------
     Path of ``out_dir``.
     """
-    import torch
 
     from nhb_core import runs
 
@@ -859,7 +858,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     total_steps = steps * n_epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps))
     decay, no_decay = [], []
-    for n_, p in model.named_parameters():
+    for _, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)

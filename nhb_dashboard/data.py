@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,7 @@ def set_label(set_name: str) -> str:
     return s
 
 
-def load_metrics(run_dir: str | os.PathLike) -> Optional[dict]:
+def load_metrics(run_dir: str | os.PathLike) -> dict | None:
     """``metrics.json`` of a run, or None when absent/unreadable."""
     p = Path(run_dir) / "metrics.json"
     try:
@@ -78,7 +78,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
         return {}
 
 
-def read_split(run_dir: str | os.PathLike) -> Optional[dict]:
+def read_split(run_dir: str | os.PathLike) -> dict | None:
     try:
         return read_json(Path(run_dir) / "split.json")
     except (OSError, json.JSONDecodeError):
@@ -155,7 +155,7 @@ def _fmt_created(st: dict, run_dir: Path) -> str:
     try:
         import datetime as dt
 
-        return dt.datetime.fromtimestamp(run_dir.stat().st_mtime, dt.timezone.utc).isoformat(" ", "seconds")[:19]
+        return dt.datetime.fromtimestamp(run_dir.stat().st_mtime, dt.UTC).isoformat(" ", "seconds")[:19]
     except OSError:
         return ""
 
@@ -254,7 +254,7 @@ def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
 
 
 # ----------------------------------------------------------------- progress
-def _fraction(ev: dict) -> Optional[float]:
+def _fraction(ev: dict) -> float | None:
     try:
         if ev.get("epoch") is not None and ev.get("epochs"):
             steps = ev.get("steps")
@@ -279,7 +279,7 @@ def _split_stage(ev: dict) -> tuple[str, str]:
     return stage, str(model)
 
 
-def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> list[dict[str, Any]]:
+def progress_rows(run_dir: str | os.PathLike, status: dict | None = None) -> list[dict[str, Any]]:
     """Latest progress per (stage, model) from events.jsonl, in pipeline order.
 
     Each row: ``stage, model, fraction`` (0-1 or None), ``text`` (epoch/step,
@@ -327,7 +327,7 @@ def progress_rows(run_dir: str | os.PathLike, status: Optional[dict] = None) -> 
     return rows
 
 
-def _parse_t(t: Any) -> Optional[float]:
+def _parse_t(t: Any) -> float | None:
     if not t:
         return None
     try:
@@ -338,7 +338,7 @@ def _parse_t(t: Any) -> Optional[float]:
         return None
 
 
-def overall_eta(rows: list[dict], status: Optional[dict] = None, models: Optional[list[str]] = None) -> Optional[float]:
+def overall_eta(rows: list[dict], status: dict | None = None, models: list[str] | None = None) -> float | None:
     """A rough ETA (s) of the whole run: the running rows' ETA plus, for models not
     yet trained, the mean training time of those already trained."""
     if status and status.get("state") in ("done", "failed", "cancelled"):
@@ -354,7 +354,7 @@ def overall_eta(rows: list[dict], status: Optional[dict] = None, models: Optiona
     return eta
 
 
-def fmt_seconds(s: Optional[float]) -> str:
+def fmt_seconds(s: float | None) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "unknown"
     s = int(round(s))
@@ -383,7 +383,7 @@ def log_tail(run_dir: str | os.PathLike, n: int = 15, max_bytes: int = 64_000) -
 # ----------------------------------------------------------------- launch form
 def study_config(models: list[str], epochs: int, batch_size: int, input_size: int, split_unit: str,
                  external_centers: list[str], seed: int, device: str, n_gpus: int = 1,
-                 centers: Optional[list[str]] = None) -> dict:
+                 centers: list[str] | None = None) -> dict:
     """The study config dict (``nhb_core.config`` keys) the Launch form writes to ``config.yaml``.
 
     ``external_centers`` are held out of training (every subject of them is an
@@ -500,7 +500,7 @@ def reader_table(metrics: dict, set_name: str, level: str = "subject") -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def mrmc_tables(metrics: dict, set_name: str) -> tuple[Optional[dict], pd.DataFrame, pd.DataFrame]:
+def mrmc_tables(metrics: dict, set_name: str) -> tuple[dict | None, pd.DataFrame, pd.DataFrame]:
     """The set's reader study (``sets[<set>]["mrmc"]``, docs/stats.md): the block (None without a
     study), one row per comparison (``nhb_core.stats.mrmc.study_mrmc_table``), and the reader AUCs
     (one row per reader, one column per reader arm, plus each network's AUC)."""
@@ -524,7 +524,7 @@ def mrmc_tables(metrics: dict, set_name: str) -> tuple[Optional[dict], pd.DataFr
     return blk, comp, pd.DataFrame(list(aucs.values()))
 
 
-def model_threshold(run_dir: str | os.PathLike, model: str, metrics: Optional[dict] = None) -> float:
+def model_threshold(run_dir: str | os.PathLike, model: str, metrics: dict | None = None) -> float:
     """The model's decision threshold (model.json, else metrics, else 0.5)."""
     mj = model_json(run_dir, model)
     if mj.get("threshold") is not None:
@@ -567,7 +567,7 @@ def known_manifests(runs_dir: str | os.PathLike) -> list[tuple[str, Path]]:
     return out
 
 
-def synthetic_preset(manifest: Optional[str | os.PathLike]) -> Optional[str]:
+def synthetic_preset(manifest: str | os.PathLike | None) -> str | None:
     """``"small"`` / ``"paper"`` when ``manifest`` is the dashboard's synthetic cohort of that preset."""
     if manifest is None:
         return None
@@ -616,7 +616,7 @@ def gray_u8(image2d: np.ndarray) -> np.ndarray:
     return (np.clip((a - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def slice_with_contours(image2d: np.ndarray, labels2d: Optional[np.ndarray] = None, scale: int = 1) -> np.ndarray:
+def slice_with_contours(image2d: np.ndarray, labels2d: np.ndarray | None = None, scale: int = 1) -> np.ndarray:
     """RGB uint8 [H*scale, W*scale, 3]: the slice in grayscale with the outline of
     each ROI label in its colour (:func:`nhb_core.figures.contour_rgb`)."""
     from nhb_core.figures import contour_rgb
@@ -718,7 +718,7 @@ def upload_error(err, tmp: str | os.PathLike, shown: dict[str, str]):
 
     tmp = str(Path(tmp))
 
-    def fix(s: Optional[str]) -> Optional[str]:
+    def fix(s: str | None) -> str | None:
         if s is None:
             return None
         for role, name in shown.items():
@@ -827,7 +827,7 @@ def means_table(means: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns=_MEANS_HEADERS)
 
 
-def seed_summary(run_dir: Path) -> Optional[dict]:
+def seed_summary(run_dir: Path) -> dict | None:
     """The run's ``seeds.json`` (repeated seeds, ``nhb_core.study.seed_summary``), or None."""
     p = Path(run_dir) / "seeds.json"
     if not p.is_file():

@@ -18,9 +18,10 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -83,11 +84,11 @@ def md_escape(s: Any) -> str:
 
 # ----------------------------------------------------------------- cached loaders
 @st.cache_data(show_spinner=False, max_entries=256)
-def _metrics(key: tuple) -> Optional[dict]:
+def _metrics(key: tuple) -> dict | None:
     return dd.load_metrics(Path(key[0]).parent)
 
 
-def metrics(run_dir: str | os.PathLike) -> Optional[dict]:
+def metrics(run_dir: str | os.PathLike) -> dict | None:
     """metrics.json, cached until the file changes."""
     return _metrics(dd.file_key(Path(run_dir) / "metrics.json"))
 
@@ -145,9 +146,9 @@ class ManifestChoice:
     """What :func:`manifest_picker` returns: ``path`` (None until a path is typed), the chosen label,
     and ``preset`` when the choice is one of the synthetic cohorts (generated on first use)."""
 
-    path: Optional[Path]
+    path: Path | None
     label: str
-    preset: Optional[str] = None
+    preset: str | None = None
 
     @property
     def missing_synthetic(self) -> bool:
@@ -200,7 +201,7 @@ class Steps:
 
 
 @contextlib.contextmanager
-def steps(label: str, total: int, show: bool = True) -> Iterator[Optional[Steps]]:
+def steps(label: str, total: int, show: bool = True) -> Iterator[Steps | None]:
     """``with ui.steps("Computing the saliency maps", n, show=cold) as s: ... s.advance("resnet18")``:
     a progress bar with the step count (removed at the end). ``show=False`` (warm: everything cached)
     draws nothing and yields None."""
@@ -214,7 +215,7 @@ def steps(label: str, total: int, show: bool = True) -> Iterator[Optional[Steps]
         s.close()
 
 
-def advance(s: Optional[Steps], what: str = "") -> None:
+def advance(s: Steps | None, what: str = "") -> None:
     """``s.advance(what)`` when a progress bar is shown."""
     if s is not None:
         s.advance(what)

@@ -11,8 +11,7 @@ import streamlit as st
 
 from nhb_core import jobs
 from nhb_dashboard import data as dd
-from nhb_dashboard import nav
-from nhb_dashboard import ui
+from nhb_dashboard import nav, ui
 
 runs = ui.page("Home")
 st.title("NHB Lab")

@@ -13,8 +13,7 @@ import streamlit as st
 
 from nhb_core import figures
 from nhb_dashboard import data as dd
-from nhb_dashboard import figs
-from nhb_dashboard import ui
+from nhb_dashboard import figs, ui
 
 runs = ui.page("Results")
 st.title("Results")

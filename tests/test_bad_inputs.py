@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from nhb_core.io import save_nifti
 from test_dicom import write_series
 from test_manifest import AFFINE, SHAPE, edit_manifest, make_cohort
+
+from nhb_core.io import save_nifti
 
 
 def run_cli(*args, cwd=None):

@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from browser_util import chromium, streamlit_server
 
 from nhb_core.runs import write_status
 from nhb_dashboard import nav
-
-from browser_util import chromium, streamlit_server
 
 URLS = {p.title: p.url_path for p in nav.page_specs()}  # the pages as app.py's st.navigation declares them
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def test_every_page_in_chromium(browser, server, small_run):
         # Results: one ROC curve per model and set in the plotly data
         _open(page, f"{url}/{URLS['Results']}")
         assert not _check_clean(page, "results")
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= %d" % len(sets),
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {len(sets)}",
                                timeout=60_000)
         traces = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
                                        .map(gd => (gd.data || []).map(t => t.name || ''))""")

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from nhb_core import reading as R
-
 from browser_util import chromium, free_port
 from reading_run import build_reading_run
+
+from nhb_core import reading as R
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -58,7 +57,7 @@ class Server:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError("streamlit exited: " + (self.root / "streamlit.log").read_text()[-2000:])
+                    raise RuntimeError("streamlit exited: " + (self.root / "streamlit.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
         raise RuntimeError("streamlit did not come up in 120 s")
 

@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from nhb_core import __version__
 from nhb_core.errors import NHBError, Problem
 

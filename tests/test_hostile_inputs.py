@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_dicom import write_series
+from test_manifest import AFFINE, edit_manifest, make_cohort
 
 from nhb_core.errors import ConfigError, DatasetError, DicomError, ImageError, NHBError, RunError
 from nhb_core.io import load_t1
-from test_dicom import write_series
-from test_manifest import AFFINE, edit_manifest, make_cohort
 
 SHARED_ENHANCED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "siemens_xa30_enhanced"
 

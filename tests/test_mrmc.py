@@ -676,9 +676,9 @@ def test_study_mrmc_edge_cases(tmp_path):
 
 
 def test_study_run_writes_mrmc_into_metrics_report_and_page_tables(small_run, small_cohort):
-    from nhb_dashboard import data as dd
     from nhb_core.fileio import read_json
     from nhb_core.report import render_report
+    from nhb_dashboard import data as dd
 
     assert (Path(small_cohort).parent / "readings.csv").is_file()
     m = read_json(small_run / "metrics.json")
@@ -722,8 +722,8 @@ def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from nhb_dashboard import data as dd
     from nhb_core.fileio import read_json
+    from nhb_dashboard import data as dd
 
     repo = Path(__file__).resolve().parents[1]
     runs = tmp_path / "runs"

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from reading_run import build_reading_run
 
 from nhb_core import reading as R
 from nhb_core.fileio import read_json
-
-from reading_run import build_reading_run
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,9 @@ def test_create_randomises_per_reader_with_recorded_seed(rrun, runs):
     assert s1 != s2 and s1.parent == runs / "reading" and len(s1.name) >= 16  # token_urlsafe ids
     assert a["seed"] == 11 and a["n_cases"] == 8
     # same seed: same sample and same order *positions* per reader (codes are random, orders identical by subject)
-    subj = lambda s, r: [next(c["subject_id"] for c in s["cases"] if c["code"] == k) for k in r["order"]["unaided"]]
+    def subj(s, r):
+        return [next(c["subject_id"] for c in s["cases"] if c["code"] == k) for k in r["order"]["unaided"]]
+
     for ra, rb in zip(a["readers"], b["readers"]):
         assert ra["seed"] == rb["seed"]
         assert subj(a, ra) == subj(b, rb)
@@ -215,8 +216,9 @@ def test_closed_session_feeds_mrmc(rrun, runs, tmp_path):
 
 
 def test_images_are_plain_pngs_and_aided_cam(rrun, runs):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     s = R.create_session(runs, rrun, ["Ann", "Bob"], n_cases=4, seed=1, arms=("unaided", "aided"),
                          arm_order="crossover")

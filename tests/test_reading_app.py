@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("streamlit")
+from reading_run import build_reading_run  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from nhb_core import reading as R  # noqa: E402
-
-from reading_run import build_reading_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

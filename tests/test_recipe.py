@@ -17,7 +17,7 @@ import pytest
 from nhb_core import models
 from nhb_core.baselines import SIRatioBaseline, load_baseline, si_feature_matrix
 from nhb_core.errors import ConfigError, DatasetError, NetworkUnavailableError
-from nhb_core.slices import PrepareConfig, extract_slices, reference_norm, reference_ring, si_ratios
+from nhb_core.slices import PrepareConfig, extract_slices, reference_norm, reference_ring
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,9 +226,9 @@ def test_too_small_input_is_one_line_error():
 
 
 def test_imagenet_weights_from_local_folder(tmp_path, monkeypatch):
+    import timm
     import torch
     from safetensors.torch import save_file
-    import timm
 
     torch.manual_seed(5)
     ref = timm.create_model("resnet18", pretrained=False, num_classes=1000)

@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from browser_util import chromium, streamlit_server
 from test_roi_page import _hashes, roi_out  # noqa: F401 - the shared fixture
 
@@ -32,7 +31,7 @@ def browser():
 
 
 @pytest.fixture
-def server(roi_out, tmp_path):
+def server(roi_out, tmp_path):  # noqa: F811 - the imported fixture, by name
     roi_dir = roi_out.parent / f"{roi_out.name}_browser"
     shutil.copytree(roi_out, roi_dir, dirs_exist_ok=True)
     env = {"NHB_RUNS_DIR": str(tmp_path / "runs"), "NHB_DATA_DIR": str(tmp_path / "data"),

@@ -12,8 +12,17 @@ import pandas as pd
 import pytest
 
 from nhb_core.errors import ConfigError, DatasetError
-from nhb_core.splits import (audit, fold_split, load_split, make_split, save_split, set_names, set_rows,
-                             shared_subjects, slice_key)
+from nhb_core.splits import (
+    audit,
+    fold_split,
+    load_split,
+    make_split,
+    save_split,
+    set_names,
+    set_rows,
+    shared_subjects,
+    slice_key,
+)
 
 
 def make_index(n_a=80, n_b=30, pos_rate=0.4, slices=(3, 6), seed=0) -> pd.DataFrame:

@@ -3,7 +3,6 @@ failures, config resolution and the CLI."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nhb_core.config import DEFAULTS, resolve_config, save_config, load_yaml
+from nhb_core.config import DEFAULTS, load_yaml, resolve_config, save_config
 from nhb_core.errors import ConfigError, NHBError
 from nhb_core.fileio import read_json
 from nhb_core.runs import read_events, read_status

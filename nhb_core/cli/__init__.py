@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from typing import Optional
 
 import typer
 
@@ -47,7 +46,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
+    version: bool | None = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
                                            help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
@@ -70,7 +69,7 @@ def fail(err: NHBError) -> None:
     raise typer.Exit(2)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the Typer app with the project's error policy."""
     try:  # typer >= 0.2x vendors its own click
         from typer._click.exceptions import ClickException

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -41,15 +40,15 @@ def _read_config_file(path: Path) -> dict:
 def prepare_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Cohort manifest CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (reused as a cache)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
+    config: Path | None = typer.Option(None, "--config", "-c",
                                           help="YAML/JSON prepare options (or a study config with a 'prepare:' section)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Output grid side in pixels (default 64)."),
-    crop_mm: Optional[float] = typer.Option(None, "--crop-mm", help="Crop side in mm (default 64)."),
-    slice_select: Optional[str] = typer.Option(None, "--slice-select", help="min_voxels (default) or central."),
-    norm: Optional[str] = typer.Option(None, "--norm", help="percentile (default) or zscore."),
-    roi_channel: Optional[bool] = typer.Option(None, "--roi-channel/--no-roi-channel",
+    size: int | None = typer.Option(None, "--size", help="Output grid side in pixels (default 64)."),
+    crop_mm: float | None = typer.Option(None, "--crop-mm", help="Crop side in mm (default 64)."),
+    slice_select: str | None = typer.Option(None, "--slice-select", help="min_voxels (default) or central."),
+    norm: str | None = typer.Option(None, "--norm", help="percentile (default) or zscore."),
+    roi_channel: bool | None = typer.Option(None, "--roi-channel/--no-roi-channel",
                                                help="Add the ROI mask as a second channel."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (default 2)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (default 2)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Extract the ROI slice dataset: index.csv, slices.npy, subjects.csv, prepare.json (see docs/dataset.md)."""
@@ -97,11 +96,11 @@ def prepare_cmd(
 def split_cmd(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="Prepared dataset folder."),
     out: Path = typer.Option(..., "--out", "-o", help="split.json to write."),
-    dev_centers: Optional[str] = typer.Option(None, "--dev-centers",
+    dev_centers: str | None = typer.Option(None, "--dev-centers",
                                               help="Development center(s), comma separated (default A, else the largest)."),
     test_size: float = typer.Option(0.2, "--test-size", help="Fraction of development subjects for test."),
     val_size: float = typer.Option(0.15, "--val-size", help="Fraction of development subjects for validation."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation over the non-test subjects."),
+    folds: int | None = typer.Option(None, "--folds", help="K-fold cross-validation over the non-test subjects."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     unit: str = typer.Option("subject", "--unit",
                              help="subject (no leakage) or slice (the original study's leaky design)."),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,11 +15,11 @@ def predict(
     run: Path = typer.Option(..., "--run", help="A finished study run folder (runs/<name>)."),
     t1: Path = typer.Option(..., "--t1", help="The subject's T1: a .nii/.nii.gz file or a DICOM series folder."),
     roi: Path = typer.Option(..., "--roi", help="The bilateral globus pallidus ROI mask (.nii/.nii.gz) on that T1."),
-    out: Optional[Path] = typer.Option(None, "--out",
+    out: Path | None = typer.Option(None, "--out",
                                        help="Output folder (default RUN/cases/<stem>): prediction.json and cam/*.png."),
     cam: bool = typer.Option(True, "--cam/--no-cam", help="Compute Grad-CAM maps and PNGs (default) or only probabilities."),
     method: str = typer.Option("gradcam", "--method", help="Saliency method: gradcam, gradcam++, eigencam, layercam."),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these models of the run (repeatable)."),
+    model: list[str] | None = typer.Option(None, "--model", help="Only these models of the run (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print prediction.json on stdout instead of a table."),
     threads: int = typer.Option(1, "--threads", min=1,
                                 help="CPU threads for torch (default 1: fastest for one subject's small crops)."),
@@ -86,8 +85,8 @@ def predict(
 def export(
     run: Path = typer.Option(..., "--run", help="A finished study run folder."),
     fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/export)."),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="Only these models (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default RUN/export)."),
+    model: list[str] | None = typer.Option(None, "--model", help="Only these models (repeatable)."),
     threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch (default 1)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no listing."),
 ) -> None:

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from nhb_core.cli import app
 
 
-def _runs_dir(runs: Optional[Path]) -> Path:
+def _runs_dir(runs: Path | None) -> Path:
     return Path(runs or os.environ.get("NHB_RUNS_DIR") or "runs").expanduser().resolve()
 
 
 @app.command("reading-create")
 def reading_create_command(
     run: Path = typer.Option(..., "--run", help="A finished study run (predictions, prepared dataset, manifest)."),
-    reader: List[str] = typer.Option(..., "--reader", help="A reader's name (repeat for each reader)."),
-    runs: Optional[Path] = typer.Option(None, "--runs", help="Runs folder (default $NHB_RUNS_DIR or ./runs); the "
+    reader: list[str] = typer.Option(..., "--reader", help="A reader's name (repeat for each reader)."),
+    runs: Path | None = typer.Option(None, "--runs", help="Runs folder (default $NHB_RUNS_DIR or ./runs); the "
                                         "session goes under RUNS/reading/<id>."),
     set_name: str = typer.Option("test", "--set", help="The run's set whose subjects are read."),
     n_cases: int = typer.Option(0, "--cases", help="A stratified random sample of this many subjects (0 = all)."),
@@ -30,7 +29,7 @@ def reading_create_command(
     washout: float = typer.Option(0.0, "--washout-days", help="Days between a reader's two arms."),
     revision: bool = typer.Option(False, "--allow-revision", help="Readers may change a saved answer."),
     call: str = typer.Option("derived", "--call", help="derived (rating >= 3) or separate."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sample and the case orders (recorded)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the sample and the case orders (recorded)."),
     title: str = typer.Option("", "--title", help="A title shown to the readers."),
 ) -> None:
     """Create a reading session on a finished run and print each reader's private link path."""
@@ -47,7 +46,7 @@ def reading_create_command(
         typer.echo(f"{r['name']}: /Reading?token={r['token']}")
 
 
-def _session(session: str, runs: Optional[Path]) -> Path:
+def _session(session: str, runs: Path | None) -> Path:
     p = Path(session)
     if (p / "session.json").is_file():
         return p
@@ -59,7 +58,7 @@ def _session(session: str, runs: Optional[Path]) -> Path:
 @app.command("reading-progress")
 def reading_progress_command(
     session: str = typer.Option(..., "--session", help="A session folder or id."),
-    runs: Optional[Path] = typer.Option(None, "--runs", help="Runs folder (for a session id)."),
+    runs: Path | None = typer.Option(None, "--runs", help="Runs folder (for a session id)."),
 ) -> None:
     """Each reader's progress per arm (counts only, never answers)."""
     from nhb_core import reading as R
@@ -70,7 +69,7 @@ def reading_progress_command(
 @app.command("reading-close")
 def reading_close_command(
     session: str = typer.Option(..., "--session", help="A session folder or id."),
-    runs: Optional[Path] = typer.Option(None, "--runs", help="Runs folder (for a session id)."),
+    runs: Path | None = typer.Option(None, "--runs", help="Runs folder (for a session id)."),
     install: bool = typer.Option(False, "--install", help="Also copy readings.csv next to the run's manifest "
                                  "(where the study's stats stage reads it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="With --install: replace an existing readings.csv "

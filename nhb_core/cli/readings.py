@@ -4,7 +4,6 @@ an aided arm whose readers lean towards a trained network (docs/synth.md, "Reade
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,12 +13,12 @@ from nhb_core.cli import app
 @app.command("synth-readings")
 def synth_readings_command(
     cohort: Path = typer.Option(..., "--cohort", help="Folder written by `nhb_core synth` (holds cohort.json)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="A finished study run: its network's subject-level "
+    run: Path | None = typer.Option(None, "--run", help="A finished study run: its network's subject-level "
                                        "probabilities (predictions/*__subjects.csv) make the aided arm."),
-    model: Optional[str] = typer.Option(None, "--model", help="The network of --run (default: its first model)."),
+    model: str | None = typer.Option(None, "--model", help="The network of --run (default: its first model)."),
     aid_weight: float = typer.Option(0.5, "--aid-weight", help="How far the aided readers lean towards the "
                                      "network, 0..1."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Readings CSV to write (default COHORT/readings.csv, "
+    out: Path | None = typer.Option(None, "--out", help="Readings CSV to write (default COHORT/readings.csv, "
                                        "which the study reads)."),
 ) -> None:
     """Write the simulated 1-5 reader study of a synthetic cohort: unaided, and with --run an aided arm

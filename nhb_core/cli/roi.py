@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,13 +16,13 @@ app.add_typer(roi_app, name="roi")
 def propose_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Cohort manifest CSV; rows with an empty roi get proposals."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (manifest.csv, proposals.csv, masks/)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 15)."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="U-Net encoder (default tu-mobilenetv3_small_100; random init)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Crop side in pixels (default 80)."),
-    crop_mm: Optional[float] = typer.Option(None, "--crop-mm", help="Crop side in mm (default 64)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default 15)."),
+    encoder: str | None = typer.Option(None, "--encoder", help="U-Net encoder (default tu-mobilenetv3_small_100; random init)."),
+    size: int | None = typer.Option(None, "--size", help="Crop side in pixels (default 80)."),
+    crop_mm: float | None = typer.Option(None, "--crop-mm", help="Crop side in mm (default 64)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (weights, sampling, augmentation)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Train a 2D U-Net on the rows with a mask and propose masks for the others (with confidence and QC)."""

@@ -4,7 +4,6 @@ model-versus-reader tests over a predictions CSV (schema of --json: docs/stats.m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -39,11 +38,11 @@ def _p(p) -> str:
 def stats_command(
     predictions: Path = typer.Option(..., "--predictions", help="Predictions CSV (one row per case or slice)."),
     truth: str = typer.Option(..., "--truth", help="Truth column (1 = positive, 0 = negative)."),
-    score: List[str] = typer.Option(..., "--score", help="Score column (higher = positive); repeat for each model."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster (subject) column for slice rows: "
+    score: list[str] = typer.Option(..., "--score", help="Score column (higher = positive); repeat for each model."),
+    cluster: str | None = typer.Option(None, "--cluster", help="Cluster (subject) column for slice rows: "
                                           "adds Obuchowski's clustered AUC and a cluster bootstrap."),
-    reader: List[str] = typer.Option([], "--reader", help="0/1 reader column; repeat for several readers."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Fixed threshold (positive when "
+    reader: list[str] = typer.Option([], "--reader", help="0/1 reader column; repeat for several readers."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Fixed threshold (positive when "
                                               "score >= threshold), chosen in advance on validation data."),
     n_boot: int = typer.Option(2000, "--n-boot", min=1, help="Bootstrap replicates."),
     seed: int = typer.Option(0, "--seed", help="Seed of every bootstrap draw."),

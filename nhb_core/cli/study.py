@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -51,7 +51,7 @@ def _print_auc_table(run_dir: Path) -> None:
     console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True)
 
 
-def _run(manifest: Optional[Path], out: Path, config: Any, overrides: dict[str, Any], quiet: bool) -> Path:
+def _run(manifest: Path | None, out: Path, config: Any, overrides: dict[str, Any], quiet: bool) -> Path:
     from nhb_core.progress import rich_progress
     from nhb_core.study import StudyCancelled, run_study
 
@@ -60,24 +60,24 @@ def _run(manifest: Optional[Path], out: Path, config: Any, overrides: dict[str, 
             run_dir = run_study(manifest, out, config, progress=progress, overrides=overrides)
         except StudyCancelled:
             typer.echo("error: the study was cancelled (SIGTERM); rerun the same command to resume.", err=True)
-            raise typer.Exit(143)
+            raise typer.Exit(143) from None
     return run_dir
 
 
 @app.command("study")
 def study(
-    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Cohort manifest CSV (docs/manifest.md). "
+    manifest: Path | None = typer.Option(None, "--manifest", "-m", help="Cohort manifest CSV (docs/manifest.md). "
                                             "May be omitted when --config names one (a run's config.yaml)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created; an existing one is resumed)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Study config YAML (docs/study.md)."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models, e.g. resnet18,densenet121,efficientnet_b0."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per model."),
-    split_unit: Optional[str] = typer.Option(None, "--split-unit", help="subject (default) or slice (leaky, for teaching)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random choice."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the study with these seeds, e.g. 0,1,2: "
+    config: Path | None = typer.Option(None, "--config", "-c", help="Study config YAML (docs/study.md)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated models, e.g. resnet18,densenet121,efficientnet_b0."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs per model."),
+    split_unit: str | None = typer.Option(None, "--split-unit", help="subject (default) or slice (leaky, for teaching)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Repeat the study with these seeds, e.g. 0,1,2: "
                                         "mean and SD per model and set (RUN/seeds.json)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, ..."),
-    n_gpus: Optional[int] = typer.Option(None, "--n-gpus", help="> 1: train each model under torchrun with this many processes."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    n_gpus: int | None = typer.Option(None, "--n-gpus", help="> 1: train each model under torchrun with this many processes."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a whole study: validate, prepare, split, train, evaluate, statistics, saliency, report.
@@ -107,7 +107,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder of the demo study."),
     preset: str = typer.Option("paper", "--preset", help="Synthetic cohort preset: paper (about 277 neonates) or small."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort and of the study."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Study config YAML (default: the default config)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Study config YAML (default: the default config)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Synthesise a two-center cohort (paper preset) and run the default study on it.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,9 +16,9 @@ def synth_command(
     preset: str = typer.Option("paper", "--preset",
                                help="paper (A 106+119, B 34+18 subjects) or small (A 8+8, B 5+5)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; equal seeds give byte-identical files."),
-    n: Optional[int] = typer.Option(None, "--n",
+    n: int | None = typer.Option(None, "--n",
                                     help="Total number of subjects instead of the preset's (split like it)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: up to 2)."),
+    workers: int | None = typer.Option(None, "--workers", help="Worker processes (default: up to 2)."),
     truth: bool = typer.Option(False, "--truth",
                                help="Also write the true GP masks under truth/ (never in the manifest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,9 +10,9 @@ from nhb_core.cli import app
 
 
 def _load_yaml(path: Path) -> dict:
-    from nhb_core.errors import ConfigError
-
     import yaml
+
+    from nhb_core.errors import ConfigError
 
     if not path.is_file():
         raise ConfigError(path, "the config file does not exist", "Give an existing YAML file")
@@ -37,16 +36,16 @@ def train_cmd(
     split: Path = typer.Option(..., "--split", help="split.json (from `split`)."),
     model: str = typer.Option("resnet18", "--model", help="timm model name: resnet18, densenet121, efficientnet_b0, ..."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (model.safetensors, model.json, history.csv, ...)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default 10)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per process (default 32)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs (0 = off)."),
-    weights: Optional[str] = typer.Option(None, "--weights",
+    epochs: int | None = typer.Option(None, "--epochs", help="Maximum epochs (default 10)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per process (default 32)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)."),
+    patience: int | None = typer.Option(None, "--patience", help="Early-stopping patience in epochs (0 = off)."),
+    weights: str | None = typer.Option(None, "--weights",
                                           help="Initial weights: a local ImageNet .safetensors/.pth file, or 'imagenet' "
                                                "(timm hub, needs a network). Default: random."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, sampling and augmentation (default 0)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with train options (TrainConfig fields)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of weights, sampling and augmentation (default 0)."),
+    device: str | None = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with train options (TrainConfig fields)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -116,16 +115,16 @@ def _find_models(run: Path) -> list[Path]:
 @app.command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Option(..., "--run", help="A run folder from `train` (or a study run with models/<name>/)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder (default: the one the model was trained on)."),
-    split: Optional[Path] = typer.Option(None, "--split", help="split.json (default: the run's split.json)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Dataset folder (default: the one the model was trained on)."),
+    split: Path | None = typer.Option(None, "--split", help="split.json (default: the run's split.json)."),
     aggregate: str = typer.Option("mean", "--aggregate", help="Slice-to-subject aggregation: mean, median or max."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(256, "--batch-size", help="Slices per forward pass."),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest",
+    manifest: Path | None = typer.Option(None, "--manifest",
                                             help="A NEW cohort's manifest: prepare it with the run's preprocessing, "
                                                  "predict it as set external:NAME, update metrics.json and the report."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name of the new cohort (with --manifest), e.g. C."),
+    name: str | None = typer.Option(None, "--name", help="Name of the new cohort (with --manifest), e.g. C."),
 ) -> None:
     """Write predictions/<set>__slices.csv and <set>__subjects.csv for every set but train;
     with --manifest M --name C, evaluate the finished run on a new cohort (set external:C)."""

@@ -75,7 +75,9 @@ def _print_tables(report) -> None:
         for c in ("reader", "read", "positive", "sensitivity", "specificity"):
             rt.add_column(c, justify="left" if c == "reader" else "right")
         for _, r in report.reader_table.iterrows():
-            fmt = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}")
+            def fmt(v: float | None) -> str:
+                return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
             rt.add_row(Text(str(r["reader"])), str(r["n_read"]), str(r["n_positive"]), fmt(r["sensitivity"]), fmt(r["specificity"]))
         console.print(rt)
     else:

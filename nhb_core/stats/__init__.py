@@ -10,17 +10,53 @@ calibration and decision curves; and the study-level helpers that build metrics.
 Usage: ``from nhb_core import stats; stats.auc(y, score)``.
 """
 
-from nhb_core.stats._binary import (METRICS, clopper_pearson_ci, cohens_kappa, compare_to_reader, confusion,
-                                    mcnemar_exact, mcnemar_table, precision_paired, proportion, reader_consensus,
-                                    threshold_metrics, wilson_ci, youden_threshold)
-from nhb_core.stats._binary import fleiss_kappa
-from nhb_core.stats._calibration import DCA_THRESHOLDS, brier_score, calibration, decision_curve
-from nhb_core.stats._roc import (FPR_GRID, ROCCurve, auc, auc_ci_bootstrap, auc_ci_delong, bootstrap_aucs,
-                                 cluster_bootstrap_ci, clustered_auc, clustered_paired, delong_cov, delong_matrix,
-                                 delong_paired, delong_placements, delong_unpaired, delong_var, roc_band, roc_curve)
-from nhb_core.stats._study import (aggregate_subjects, analyze_predictions, load_predictions, roc_table,
-                                   set_metrics, set_name_from_file, study_metrics, tidy_table)
 from nhb_core.stats import mrmc  # the module, also callable: stats.mrmc(path) = stats.mrmc.mrmc(path)
+from nhb_core.stats._binary import (
+                                    METRICS,
+                                    clopper_pearson_ci,
+                                    cohens_kappa,
+                                    compare_to_reader,
+                                    confusion,
+                                    fleiss_kappa,
+                                    mcnemar_exact,
+                                    mcnemar_table,
+                                    precision_paired,
+                                    proportion,
+                                    reader_consensus,
+                                    threshold_metrics,
+                                    wilson_ci,
+                                    youden_threshold,
+)
+from nhb_core.stats._calibration import DCA_THRESHOLDS, brier_score, calibration, decision_curve
+from nhb_core.stats._roc import (
+                                    FPR_GRID,
+                                    ROCCurve,
+                                    auc,
+                                    auc_ci_bootstrap,
+                                    auc_ci_delong,
+                                    bootstrap_aucs,
+                                    cluster_bootstrap_ci,
+                                    clustered_auc,
+                                    clustered_paired,
+                                    delong_cov,
+                                    delong_matrix,
+                                    delong_paired,
+                                    delong_placements,
+                                    delong_unpaired,
+                                    delong_var,
+                                    roc_band,
+                                    roc_curve,
+)
+from nhb_core.stats._study import (
+                                    aggregate_subjects,
+                                    analyze_predictions,
+                                    load_predictions,
+                                    roc_table,
+                                    set_metrics,
+                                    set_name_from_file,
+                                    study_metrics,
+                                    tidy_table,
+)
 from nhb_core.stats.mrmc import mrmc_arrays, mrmc_table, read_readings, readings_array
 
 __all__ = [

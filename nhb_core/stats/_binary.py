@@ -6,7 +6,7 @@ A case is called positive when ``score >= threshold``. The threshold must be fix
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps

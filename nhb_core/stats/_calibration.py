@@ -3,7 +3,7 @@ decision curve analysis (net benefit)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -11,8 +11,8 @@ Conventions follow R's pROC (validated against it, see ``docs/stats.md``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import sparse

@@ -30,8 +30,8 @@ import math
 import os
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as sps
