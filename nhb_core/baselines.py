@@ -135,7 +135,7 @@ class SIRatioBaseline:
         if self.coef_ is None:
             raise DatasetError("si_ratio", "the baseline has not been fitted", "Call fit() first")
         x = (si_feature_matrix(index, rows) - np.asarray(self.mean_)) / np.asarray(self.scale_)
-        z = x @ np.asarray(self.coef_) + float(self.intercept_)
+        z = x @ np.asarray(self.coef_) + float(self.intercept_ or 0.0)  # set with coef_ by fit()
         return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +158,7 @@ class SIRatioBaseline:
 
 
 #: name -> baseline class (the extension point: add a class here).
-BASELINES: dict[str, type] = {"si_ratio": SIRatioBaseline}
+BASELINES: dict[str, type[SIRatioBaseline]] = {"si_ratio": SIRatioBaseline}
 
 
 def check_baseline_name(name: str) -> str:

@@ -329,8 +329,8 @@ def _section_fields(section: str) -> dict[str, Any] | None:
         for f in dataclasses.fields(TrainConfig):
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                out[f.name] = f.default_factory()  # type: ignore[misc]
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
             else:
                 out[f.name] = None
         return out
@@ -376,13 +376,13 @@ def validate_config(cfg: Mapping[str, Any], source: str = "config", cli: set | N
                                   f"{section}.{k} must be {_KIND_WORDS[kind]}, not {v!r}",
                                   f"Write e.g. {section}: {{{k}: {default!r}}}".replace("True", "true")
                                   .replace("False", "false"))
-    for (section, k), (kind, lo, hi) in _RANGES.items():
+    for (section, k), (rkind, lo, hi) in _RANGES.items():
         v = (cfg.get(section) or {}).get(k)
         if v is None:
             continue
         where = src_of.get((section, k), source)
-        if not _type_ok(v, kind):
-            raise ConfigError(where, f"{section}.{k} must be {_KIND_WORDS[kind]}, not {v!r}",
+        if not _type_ok(v, rkind):
+            raise ConfigError(where, f"{section}.{k} must be {_KIND_WORDS[rkind]}, not {v!r}",
                               f"Write a number between {lo:g} and {hi:g}")
         open_range = (section, k) in (("split", "test_size"), ("split", "val_size"), ("stats", "level"),
                                       ("train", "lr"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def _export_file(model, example, path: Path, opset: int) -> str:
     import torch
 
     wrapped = _wrap(model)
-    kw = dict(input_names=["input"], output_names=["logit", "prob"], opset_version=opset)
+    kw: dict[str, Any] = dict(input_names=["input"], output_names=["logit", "prob"], opset_version=opset)
     errors = []
     try:
         with warnings.catch_warnings():

@@ -247,7 +247,8 @@ def delong_figure(metrics: Mapping[str, Any], set_name: str, level: str = "subje
     if len(names) < 2:
         return _empty(title, "one model: nothing to compare")
     text = [["" if not np.isfinite(v) else f"{v:.3f}" for v in row] for row in p]
-    fig = go.Figure(go.Heatmap(z=np.where(np.isfinite(p), p, None).tolist(), x=names, y=names, text=text,
+    z = [[float(v) if np.isfinite(v) else None for v in row] for row in p]  # None: a blank cell
+    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, text=text,
                                texttemplate="%{text}", zmin=0, zmax=1, colorscale="Blues_r",
                                colorbar=dict(title="p"), hovertemplate="%{y} vs %{x}: p=%{z:.4f}<extra></extra>"))
     fig.update_layout(title=title, height=320, yaxis=dict(autorange="reversed"), **LAYOUT)
@@ -273,9 +274,9 @@ def mrmc_figure(metrics: Mapping[str, Any], set_name: str) -> go.Figure:
         p = d.get("p")
         hover.append(f"{n}<br>diff {d['estimate']:.3f} [{d['ci_lower']:.3f}, {d['ci_upper']:.3f}]"
                      + (f"<br>p {p:.4f}" if isinstance(p, (int, float)) else ""))
-    est, lo, hi = (np.asarray(v, float) for v in (est, lo, hi))
-    fig = go.Figure(go.Scatter(x=est, y=names, mode="markers", marker=dict(size=10, color="#12355b"),
-                               error_x=dict(type="data", symmetric=False, array=hi - est, arrayminus=est - lo),
+    x_est, x_lo, x_hi = (np.asarray(v, float) for v in (est, lo, hi))
+    fig = go.Figure(go.Scatter(x=x_est, y=names, mode="markers", marker=dict(size=10, color="#12355b"),
+                               error_x=dict(type="data", symmetric=False, array=x_hi - x_est, arrayminus=x_est - x_lo),
                                hovertext=hover, hoverinfo="text", showlegend=False))
     fig.add_vline(x=0, line=dict(color="#888888", dash="dash"))
     fig.update_layout(title=title, height=160 + 40 * len(names), xaxis=dict(title="AUC difference (95% CI)"),
@@ -283,7 +284,7 @@ def mrmc_figure(metrics: Mapping[str, Any], set_name: str) -> go.Figure:
     return fig
 
 
-def confusion_counts(y: Sequence[int], prob: Sequence[float], threshold: float) -> np.ndarray:
+def confusion_counts(y: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float) -> np.ndarray:
     """2x2 counts ``[[TN, FP], [FN, TP]]`` (rows truth 0/1, columns predicted 0/1); predicted 1 when prob >= threshold."""
     y = np.asarray(y).astype(int)
     pred = (np.asarray(prob, dtype=float) >= threshold).astype(int)
@@ -398,7 +399,8 @@ def calibration_figure(metrics: Mapping[str, Any], set_name: str, level: str = "
     return fig
 
 
-def net_benefit(y: Sequence[int], prob: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+def net_benefit(y: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray,
+                thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
     """Net benefit ``TP/n - FP/n * t/(1-t)`` of treating when ``prob >= t``, for each threshold t."""
     y = np.asarray(y).astype(int)
     p = np.asarray(prob, dtype=float)

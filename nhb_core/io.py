@@ -91,7 +91,7 @@ class Volume:
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
-        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+        return tuple(nib.aff2axcodes(self.affine))
 
 
 # ----------------------------------------------------------------------------- NIfTI

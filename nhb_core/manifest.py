@@ -344,7 +344,7 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
                         row=row)
                 continue
         cells = [c.strip() for c in cells[:ncol]] + [""] * max(0, ncol - len(cells))
-        rec = dict(zip(names, cells))
+        rec: dict[str, Any] = dict(zip(names, cells))
         sid = rec["subject_id"]
         if not sid:
             col.add("subject_id is empty", "Give every subject an id", row=row, column="subject_id")
@@ -389,13 +389,13 @@ def _parse(path: str | os.PathLike, nbna_threshold: float, col: _Collector) -> t
         # label / nbna
         nbna = float("nan")
         if "nbna" in rec and rec["nbna"] != "":
-            v = _num(rec["nbna"])
-            if v is None:
+            nv = _num(rec["nbna"])
+            if nv is None:
                 col.add(f"nbna '{rec['nbna']}' is not a number", "Write the NBNA score as a number from 0 to 40", row=row, column="nbna")
-            elif not (NBNA_RANGE[0] <= v <= NBNA_RANGE[1]):
+            elif not (NBNA_RANGE[0] <= nv <= NBNA_RANGE[1]):
                 col.add(f"nbna {rec['nbna']} is outside 0..40", "The NBNA score runs from 0 to 40; correct the value", row=row, column="nbna")
             else:
-                nbna = v
+                nbna = nv
         label: int | None = None
         if "label" in rec and rec["label"] != "":
             label = _binary(rec["label"])

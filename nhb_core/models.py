@@ -74,6 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(p, "the weights file does not exist", "Give the path of a .safetensors or .pth file")
+    sd: Any
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -146,8 +147,8 @@ def _load_local_weights(name: str, in_chans: int, path: str | os.PathLike, extra
         # torchvision layouts with other names (EfficientNet): map by position
         remapped = _positional_remap(sd, name)
         if remapped is None:
-            extra = sorted(set(body) - set(target), key=lambda k: k.split(".")[0] in _HEAD_NAMES)
-            raise ConfigError(Path(path), f"the weights do not fit timm's {name} (e.g. unknown tensor {extra[0]!r})",
+            unknown = sorted(set(body) - set(target), key=lambda k: k.split(".")[0] in _HEAD_NAMES)
+            raise ConfigError(Path(path), f"the weights do not fit timm's {name} (e.g. unknown tensor {unknown[0]!r})",
                               f"Give ImageNet weights of {name} in timm or torchvision layout")
         sd = remapped
     sd = {k: v for k, v in sd.items() if k not in cls_keys}

@@ -806,7 +806,8 @@ def _render_slice_png(sdir, code, position, view, level, width, roi, size_px, se
         if not c.get("t1_path"):
             raise ReadingError(None, "the whole slice is not available for this case", "Use the zoomed view")
         t1, lab = _volumes(c["t1_path"], c["roi_path"])
-        img, labs = display_slice(t1, z), display_slice(lab, z)
+        img = display_slice(t1, z)
+        labs: np.ndarray | None = display_slice(lab, z)
     else:
         ds = _dataset(sess["dataset_dir"])
         idx = ds.index

@@ -353,7 +353,7 @@ def _qc(meas: dict[str, float], ref: dict[str, Any], soft_dice: float = float("n
     if "_values" in meas:
         vals = meas["_values"]
         lo_i, hi_i = ref["intensity_range"]
-        frac = float(((vals < lo_i) | (vals > hi_i)).mean())  # type: ignore[operator]
+        frac = float(((vals < lo_i) | (vals > hi_i)).mean())
         if frac > 0.25 or abs(meas["intensity_mean"] - ref["intensity_mean"]) > 3 * ref["intensity_sd"]:
             flags.append("intensity")
     extra["intensity_outlier_frac"] = frac
@@ -402,6 +402,7 @@ def _augment_sample(s: _Subject, z: int, cfg: RoiConfig, rng: np.random.Generato
     """One random training crop: image float32 (3, size, size), target int64 (size, size)."""
     from scipy import ndimage
 
+    assert s.roi is not None, "training subjects have a manual ROI"
     c = _centroid_xy(s.roi)
     shift = rng.uniform(-cfg.shift_mm, cfg.shift_mm, 2) if rng.random() < 0.6 else rng.normal(0, 3.0, 2)
     centre = c + s.M @ shift
@@ -436,6 +437,7 @@ def _train(train: list[_Subject], cfg: RoiConfig, device, progress: ProgressCall
     # slice sampling weights: GP slices and their near neighbours 1, the rest far_weight
     items, weights = [], []
     for si, s in enumerate(train):
+        assert s.roi is not None, "training subjects have a manual ROI"
         has = np.flatnonzero((s.roi > 0).any(axis=(0, 1)))
         for z in range(s.vol.shape[2]):
             near = has.size and np.abs(has - z).min() <= cfg.near_slices
@@ -550,8 +552,8 @@ def propose_subject(net, s: _Subject, ref: dict[str, Any], cfg: RoiConfig, devic
     lab = np.argmax(probs, axis=0).astype(np.int16)
     mask = np.zeros_like(lab)
     for k in (1, 2):
-        keep = _largest_component(lab == k)
-        mask[keep] = k
+        largest = _largest_component(lab == k)
+        mask[largest] = k
     return {"mask": mask, "fg_prob": 1.0 - probs[0], "found": found}
 
 
@@ -676,7 +678,7 @@ def propose_rois(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, c
     train_meas: list[dict[str, float]] = []
     for k, r in enumerate(df[is_train].itertuples(), 1):
         s = _load_subject(r.subject_id, r.t1_path, r.roi_path)
-        if not (s.roi > 0).any():
+        if s.roi is None or not (s.roi > 0).any():
             from nhb_core.errors import ImageError
             raise ImageError(r.roi_path, "ROI mask is empty (every voxel is 0)", "Draw the region or leave roi empty")
         train.append(s)
@@ -771,7 +773,7 @@ def _save_on_t1_grid(mask: np.ndarray, canon_affine: np.ndarray, t1_path: str, p
     p = Path(t1_path)
     if p.is_file():
         try:
-            hdr_aff = nib.load(str(p)).affine
+            hdr_aff = nib.load(str(p)).affine  # type: ignore[attr-defined]  # a NIfTI image
         except Exception:  # noqa: BLE001 - load_t1 already read it; keep the canonical grid
             hdr_aff = None
         if hdr_aff is not None:

@@ -23,6 +23,7 @@ Every failure is an :class:`~nhb_core.errors.NHBError` with the one-line message
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from nhb_core.errors import ConfigError, ImageError, InputError, RunError
 
@@ -83,7 +84,7 @@ def max_manifest_bytes() -> int:
     return _env_int("NHB_MAX_MANIFEST_BYTES", DEFAULT_MAX_MANIFEST_BYTES)
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -113,7 +114,7 @@ def check_image_size(file: Any, shape: tuple[int, ...], itemsize: int, what: str
                          + _RAISE.format(var="NHB_MAX_IMAGE_BYTES"))
 
 
-def copy_limited(src: BinaryIO, dst: BinaryIO, limit: int, file: Any, what: str = "file",
+def copy_limited(src: IO[bytes], dst: IO[bytes], limit: int, file: Any, what: str = "file",
                  chunk: int = 1 << 20) -> int:
     """Copy a stream with a running byte count; :class:`ImageError` as soon as it passes ``limit``."""
     n = 0
@@ -129,7 +130,7 @@ def copy_limited(src: BinaryIO, dst: BinaryIO, limit: int, file: Any, what: str 
         dst.write(block)
 
 
-def count_limited(src: BinaryIO, limit: int, chunk: int = 1 << 20) -> int:
+def count_limited(src: IO[bytes] | gzip.GzipFile, limit: int, chunk: int = 1 << 20) -> int:
     """Bytes in a stream, counting at most ``limit + 1`` (nothing kept in memory)."""
     n = 0
     while n <= limit:

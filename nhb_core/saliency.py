@@ -161,9 +161,10 @@ def resolve_target_layer(model, model_name: str | None = None, input_hw: tuple[i
     key = (str(model_name), tuple(input_hw), int(in_chans))
     if key in memo:
         return memo[key]
-    hw = _output_hw(model, layer, in_chans, tuple(input_hw))
+    hw_in = (int(input_hw[0]), int(input_hw[1]))
+    hw = _output_hw(model, layer, in_chans, hw_in)
     if hw is None or min(hw) < MIN_CAM_CELLS:
-        shallower = _timm_feature_module(getattr(model, "module", model), tuple(input_hw))
+        shallower = _timm_feature_module(getattr(model, "module", model), hw_in)
         layer = shallower if shallower is not None else layer
     memo[key] = layer
     return layer
@@ -875,7 +876,7 @@ def cam_for_case(run_dir: str | os.PathLike, model_name: str, set_name: str, sub
     return out
 
 
-def cam_on_slice(run_dir: str | os.PathLike, case: dict[str, Any]) -> dict[str, np.ndarray]:
+def cam_on_slice(run_dir: str | os.PathLike, case: dict[str, Any]) -> dict[str, Any]:
     """A :func:`cam_for_case` result placed on the subject's full axial slice.
 
     Re-reads the subject's T1 and ROI (paths from the run's manifest) and re-derives the crop
@@ -917,7 +918,8 @@ def cam_on_slice(run_dir: str | os.PathLike, case: dict[str, Any]) -> dict[str, 
     roi = load_roi(row.iloc[0]["roi_path"], reference=t1)
     mj = read_json(rd / "models" / case["model"] / "model.json")
     cfg = PrepareConfig.from_dict(mj.get("preprocessing") or {})
-    res = extract_slices(t1.data, roi.data, tuple(t1.spacing), cfg, affine=t1.affine)
+    sp = t1.spacing
+    res = extract_slices(t1.data, roi.data, (sp[0], sp[1], sp[2]), cfg, affine=t1.affine)
     geo = crop_geometry(res["centroid_vox"], t1.spacing, t1.data.shape, cfg, affine=t1.affine)
     z = int(case["slice_index"])
     img = display_slice(t1.data, z).astype(np.float32)

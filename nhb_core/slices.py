@@ -393,12 +393,13 @@ def roi_window(masks: np.ndarray, config: PrepareConfig, sigma_mm: float = 2.0) 
     from scipy import ndimage
 
     pix_mm = config.crop_mm / config.size
+    window_mm = float(config.roi_window_mm or 0.0)  # only called when roi_window_mm is set
     out = np.ones(masks.shape, dtype=np.float32)
     for i in range(masks.shape[0]):
         m = np.asarray(masks[i]) > 0
         if not m.any():
             continue
-        excess = np.clip(ndimage.distance_transform_edt(~m) * pix_mm - float(config.roi_window_mm), 0, None)
+        excess = np.clip(ndimage.distance_transform_edt(~m) * pix_mm - window_mm, 0, None)
         out[i] = np.exp(-0.5 * (excess / sigma_mm) ** 2)
     return out
 
@@ -609,7 +610,8 @@ def process_subject(t1_path: str, roi_path: str, config: PrepareConfig) -> dict[
 
     t1 = load_t1(t1_path)
     roi = load_roi(roi_path, reference=t1)
-    return extract_slices(t1.data, roi.data, tuple(t1.spacing), config, affine=t1.affine, t1_name=str(t1_path),
+    sp = t1.spacing
+    return extract_slices(t1.data, roi.data, (sp[0], sp[1], sp[2]), config, affine=t1.affine, t1_name=str(t1_path),
                           roi_name=str(roi_path))
 
 
@@ -864,9 +866,9 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
         raise DatasetError(manifest_path, "the manifest lists no subject", "Add subjects to the manifest")
     no_roi = df[df["roi_path"].fillna("").astype(str) == ""]
     if len(no_roi):
-        rows = ", ".join(f"{r.subject_id} (row {r.manifest_row})" for r in no_roi.head(10).itertuples())
+        listed = ", ".join(f"{r.subject_id} (row {r.manifest_row})" for r in no_roi.head(10).itertuples())
         more = f" and {len(no_roi) - 10} more" if len(no_roi) > 10 else ""
-        raise DatasetError(manifest_path, f"{len(no_roi)} row(s) have no ROI mask: {rows}{more}",
+        raise DatasetError(manifest_path, f"{len(no_roi)} row(s) have no ROI mask: {listed}{more}",
                            "Fill them with `python -m nhb_core roi propose --manifest <manifest> --out <dir>` "
                            "and prepare that folder's manifest.csv, or draw the masks")
     emit(progress, "prepare", done=0, total=n, message="checking inputs")
@@ -874,7 +876,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     config_sha = config.sha256()
     memo = _HashMemo(cache_dir / "hashes.json")
     manifest_table_sha = sha256_bytes(df.to_csv(index=False).encode())
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for i, r in df.iterrows():
         t1p, roip = str(r["t1_path"]), str(r["roi_path"])
         jobs.append({"i": i, "t1_path": t1p, "roi_path": roip, "t1_sha": memo.get(t1p), "roi_sha": memo.get(roip),
@@ -906,7 +908,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
             memo.put(p, sha, stat)
         done += 1
         n_computed += 0 if res["cached"] else 1
-        sid = df.at[res["i"], "subject_id"]
+        sid = str(df.at[res["i"], "subject_id"])
         emit(progress, "prepare", done=done, total=n, eta_s=eta.eta(done, n),
              message=f"{sid} (cached)" if res["cached"] else str(sid))
 
@@ -951,7 +953,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
             return out
 
     # assemble
-    rows = []
+    rows: list[dict[str, Any]] = []
     images_list, masks_list = [], []
     warnings: list[dict[str, str]] = []
     subj_extra = []
@@ -1020,11 +1022,11 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     atomic_write_json(out / "prepare.json", meta)
     # drop cache entries no subject of this dataset uses any more (only files it wrote: *.npys)
     live = {f"{k}{CACHE_SUFFIX}" for k in keys} | {"hashes.json"}
-    for f in cache_dir.iterdir():
-        if f.is_file() and not f.is_symlink() and f.name.endswith(CACHE_SUFFIX) and f.name not in live \
-                and not f.name.startswith("."):
+    for entry in cache_dir.iterdir():
+        if entry.is_file() and not entry.is_symlink() and entry.name.endswith(CACHE_SUFFIX) and entry.name not in live \
+                and not entry.name.startswith("."):
             try:
-                f.unlink()
+                entry.unlink()
             except OSError:
                 pass
     emit(progress, "prepare", done=n, total=n, message=f"{n_computed} computed, {n - n_computed} cached")

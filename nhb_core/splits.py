@@ -20,6 +20,7 @@ carries a visible leakage flag.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,7 @@ def _validate_split(split: Any, source: Any = "split") -> None:
         raise DatasetError(source, "no train set", "Recreate the split")
 
 
-def set_names(split: dict) -> list[str]:
+def set_names(split: Mapping[str, Any]) -> list[str]:
     """Set names in a stable order: train, val, test, then external:* sorted."""
     sets = split["sets"]
     core = [s for s in CORE_SETS if s in sets]
@@ -368,7 +369,7 @@ def fold_split(split: dict, fold: int) -> dict:
     return out
 
 
-def set_rows(split: dict, index_df: pd.DataFrame, set_name: str) -> np.ndarray:
+def set_rows(split: Mapping[str, Any], index_df: pd.DataFrame, set_name: str) -> np.ndarray:
     """Dataset rows (positions in ``slices.npy``) of one set, sorted, int64.
 
     Works for both units: a subject set takes every slice of its subjects, a slice

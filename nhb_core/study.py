@@ -27,6 +27,7 @@ failed with the one-line error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -168,7 +169,7 @@ class _SigtermGuard:
     """Turn SIGTERM into :class:`StudyCancelled` while the study runs (main thread only)."""
 
     def __init__(self) -> None:
-        self.prev = None
+        self.prev: Any = None  # the SIGTERM handler to restore
         self.active = False
 
     def __enter__(self) -> _SigtermGuard:
@@ -405,7 +406,7 @@ class _Study:
                 atomic_write_json(bpath, b.to_dict())
 
             self.stage(f"baseline:{bname}", "baseline", sha256_json([ds_sha, split_sha, bname]),
-                       lambda bpath=bpath: _sha_or_none(bpath), do_baseline, model=bname)
+                       functools.partial(_sha_or_none, bpath), do_baseline, model=bname)
             base_shas[bname] = self.cache.get(f"baseline:{bname}")["output_sha256"]
 
         # evaluate ---------------------------------------------------------------
@@ -651,7 +652,7 @@ def _pick_cases(subj: Any, slices: Any, model: str, thr: float, n_cases: int) ->
     right = d[d["correct"]].sort_values(["margin", "subject_id"], ascending=[False, True])
     n_right = n_cases - len(wrong)
     by_label = [right[right["label"] == k] for k in (1, 0)]
-    picks = []
+    picks: list[dict[str, Any]] = []
     i = 0
     while len(picks) < n_right and any(len(b) > i for b in by_label):
         for b in by_label:
@@ -867,7 +868,7 @@ def evaluate_baselines(run_dir: Path, ds_dir: Path, split: Any, pred_dir: Path, 
 
     bdir = Path(run_dir) / "baselines"
     files = sorted(bdir.glob("*.json")) if bdir.is_dir() else []
-    done = []
+    done: list[Any] = []
     if not files:
         return done
     ds = load_dataset(ds_dir)

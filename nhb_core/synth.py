@@ -67,7 +67,7 @@ READERS = {"reader_1": {"threshold": 0.100, "sd": 0.030}, "reader_2": {"threshol
 # the simulated reader study (readings.csv): five radiologists giving 1-5 confidence ratings from the same
 # ``visible`` signal, each with own noise (sd) and criteria (4 cuts: rating = 1 + number of cuts below);
 # a rating >= RATING_POSITIVE is a positive call (cut 2 sits near the binary readers' threshold)
-STUDY_READERS = {
+STUDY_READERS: dict[str, dict[str, Any]] = {
     "R1": {"sd": 0.030, "cuts": (0.065, 0.100, 0.125, 0.160)},
     "R2": {"sd": 0.035, "cuts": (0.060, 0.097, 0.120, 0.155)},
     "R3": {"sd": 0.028, "cuts": (0.075, 0.110, 0.135, 0.170)},  # strict
@@ -380,7 +380,7 @@ def reader_study(cohort, seed: int = 0, network=None, aid_weight: float = AID_WE
 def reader_study_summary(readings) -> dict:
     """Per reader and arm: ``auc`` (empirical, of the 1-5 ratings), ``sensitivity`` and
     ``specificity`` of the call ``rating >= RATING_POSITIVE``; NaN where a class is absent."""
-    out = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for (arm, r), g in readings.groupby(["modality", "reader"], sort=True):
         y, x = g["truth"].to_numpy(), g["rating"].to_numpy(dtype=float)
         pos = x >= RATING_POSITIVE
@@ -440,15 +440,16 @@ class _Grid:
     def shape(self):
         return (len(self.zs), len(self.ys), len(self.xs))
 
-    def coords(self, box=(slice(None), slice(None), slice(None))):
+    def coords(self, box=(slice(None), slice(None), slice(None))) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Head-frame coordinates (hx, hy, hz), float32 arrays of shape (z, y, x) of the box."""
         zsl, ysl, xsl = box
         wz = self.zs[zsl] - np.float32(self.p.t[2])
         wy = self.ys[ysl] - np.float32(self.p.t[1])
         wx = self.xs[xsl] - np.float32(self.p.t[0])
         M = self.p.M
-        return [M[r, 0] * wx[None, None, :] + M[r, 1] * wy[None, :, None] + M[r, 2] * wz[:, None, None]
-                for r in range(3)]
+        hx, hy, hz = (M[r, 0] * wx[None, None, :] + M[r, 1] * wy[None, :, None] + M[r, 2] * wz[:, None, None]
+                      for r in range(3))
+        return hx, hy, hz
 
     def box(self, center_h, radius):
         """Index slices (z, y, x) of the sample points within a head-frame sphere's bounding box."""
@@ -910,10 +911,10 @@ def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
         oracle[c] = auc_score(sub.label, sub.oracle_p)
         visible[c] = auc_score(sub.label, sub.visible)
         counts[c] = {"1": int((sub.label == 1).sum()), "0": int((sub.label == 0).sum())}
-    for r in READERS:
-        y, x = df.label.to_numpy(), df[r].to_numpy()
-        readers[r] = {"sensitivity": float(x[y == 1].mean()) if (y == 1).any() else None,
-                      "specificity": float(1 - x[y == 0].mean()) if (y == 0).any() else None}
+    for reader in READERS:
+        y, x = df.label.to_numpy(), df[reader].to_numpy()
+        readers[reader] = {"sensitivity": float(x[y == 1].mean()) if (y == 1).any() else None,
+                           "specificity": float(1 - x[y == 0].mean()) if (y == 0).any() else None}
     meta = {
         "generator": "nhb_core.synth",
         "generator_version": GENERATOR_VERSION,
@@ -1049,7 +1050,7 @@ def render_montage(path, seed: int = 0, tile_px: int = 176) -> Path:
                 src = sl[max(0, y0): cy + half, max(0, x0): cx + half]
                 crop[max(0, -y0): max(0, -y0) + src.shape[0], max(0, -x0): max(0, -x0) + src.shape[1]] = src
                 im = Image.fromarray(np.clip(crop / hi * 255.0, 0, 255).astype(np.uint8)).resize(
-                    (tile_px, tile_px), Image.BILINEAR)
+                    (tile_px, tile_px), Image.Resampling.BILINEAR)
                 d = ImageDraw.Draw(im)
                 d.text((4, 3), f"{center} {'injured' if subj.label else 'control'}", fill=255)
                 d.text((4, tile_px - 13), f"NBNA {subj.nbna}" + (" (GP zoom)" if what == "zoom" else ""), fill=255)

@@ -441,7 +441,8 @@ def epoch_positions(n: int, labels: np.ndarray, epoch: int, seed: int, balance: 
         total = int(math.ceil(n / world_size)) * world_size
         idx = torch.multinomial(torch.as_tensor(w, dtype=torch.float64), total, replacement=True, generator=g)
         return idx.numpy()[rank::world_size]
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+    sampler: DistributedSampler = DistributedSampler(range(n),  # type: ignore[arg-type]  # only len() is used
+                                                     num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=int(seed) & 0x7FFFFFFF, drop_last=False)
     sampler.set_epoch(epoch)
     return np.fromiter(iter(sampler), dtype=np.int64)
@@ -547,7 +548,7 @@ def _correct_prior(model, pos_weight: float) -> float:
         return 0.0
     shift = float(math.log(pos_weight))
     with torch.no_grad():
-        head.bias -= shift
+        head.bias.sub_(shift)
     return shift
 
 
@@ -857,7 +858,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     n_epochs = cfg.epochs if cfg.steps is None else int(math.ceil(cfg.steps / steps))
     total_steps = steps * n_epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps))
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

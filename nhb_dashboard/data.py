@@ -431,7 +431,7 @@ def confusion(df: pd.DataFrame, model: str, threshold: float) -> np.ndarray:
     return np.array([[int(c.get("TN", 0)), int(c.get("FP", 0))], [int(c.get("FN", 0)), int(c.get("TP", 0))]])
 
 
-def level_block(metrics: dict, set_name: str, level: str = "subject") -> dict:
+def level_block(metrics: dict | None, set_name: str, level: str = "subject") -> dict:
     """``metrics["sets"][set]["level"][level]`` or {}."""
     return (((metrics or {}).get("sets") or {}).get(set_name) or {}).get("level", {}).get(level) or {}
 
@@ -510,7 +510,7 @@ def mrmc_tables(metrics: dict, set_name: str) -> tuple[dict | None, pd.DataFrame
     if not blk:
         return None, pd.DataFrame(), pd.DataFrame()
     comp = study_mrmc_table(blk)
-    aucs: dict[str, dict[str, float]] = {}
+    aucs: dict[str, dict[str, Any]] = {}
     for res in (blk.get("comparisons") or {}).values():
         for key, v in (res.get("reader_auc") or {}).items():
             arm, reader = key.split("|", 1)

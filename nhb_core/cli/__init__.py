@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # typer >= 0.2x vendors its own click
         from typer._click.exceptions import ClickException
     except ImportError:  # pragma: no cover - older typer
-        from click.exceptions import ClickException
+        from click.exceptions import ClickException  # type: ignore[assignment]
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

@@ -142,9 +142,8 @@ def _balance_table(rep, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for c, j in (("set", "left"), ("center", "left"), ("subjects", "right"), ("slices", "right"),
-                 ("pos", "right"), ("neg", "right"), ("pos rate", "right")):
-        t.add_column(c, justify=j)
+    for c in ("set", "center", "subjects", "slices", "pos", "neg", "pos rate"):
+        t.add_column(c, justify="left" if c in ("set", "center") else "right")
     for r in rep.balance.itertuples(index=False):
         rate = "-" if r.n_subjects == 0 else f"{r.pos_rate:.2f}"
         t.add_row(r.set, r.center, str(r.n_subjects), str(r.n_slices), str(r.n_pos), str(r.n_neg), rate,

@@ -143,6 +143,7 @@ def evaluate_cmd(
     if manifest is not None:
         from nhb_core.cohorts import evaluate_cohort
 
+        assert name is not None  # checked above: --manifest comes with --name
         with rich_progress(progress_bar) as cb:
             rec = evaluate_cohort(run, manifest, name, progress=cb, device=device, batch_size=batch_size)
         table = Table(title=f"{rec['set']}: {rec['n_subjects']} subjects ({', '.join(rec['centers'])}), "

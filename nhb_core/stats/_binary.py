@@ -257,7 +257,7 @@ def cohens_kappa(a, b) -> dict:
             "n": int(n), "agreement": float(po)}
 
 
-def fleiss_kappa(reads: Mapping[str, Sequence] | np.ndarray, level: float = 0.95) -> dict:
+def fleiss_kappa(reads: Mapping[str, Sequence | np.ndarray] | np.ndarray, level: float = 0.95) -> dict:
     """Fleiss' kappa (1971): agreement of several raters, each rating every case into categories.
 
     Parameters
@@ -307,7 +307,7 @@ def fleiss_kappa(reads: Mapping[str, Sequence] | np.ndarray, level: float = 0.95
     return out
 
 
-def reader_consensus(reads: Mapping[str, Sequence] | np.ndarray, rule: str = "majority") -> np.ndarray:
+def reader_consensus(reads: Mapping[str, Sequence | np.ndarray] | np.ndarray, rule: str = "majority") -> np.ndarray:
     """Consensus read of several 0/1 readers per case.
 
     rule : "majority" (more than half of the available reads positive; a tie counts positive, the

@@ -4,6 +4,7 @@ decision curve analysis (net benefit)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def calibration(y, p, n_bins: int = 10, strategy: str = "uniform", *, source: st
     else:
         raise StatsInputError("calibration", f"unknown bin strategy '{strategy}'", "Use uniform or quantile")
     k = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, edges.size - 2)
-    bins = {"lower": [], "upper": [], "mean_predicted": [], "observed": [], "observed_ci_lower": [],
+    bins: dict[str, list[Any]] = {"lower": [], "upper": [], "mean_predicted": [], "observed": [], "observed_ci_lower": [],
             "observed_ci_upper": [], "count": []}
     for i in range(edges.size - 1):
         sel = k == i

@@ -441,30 +441,38 @@ class _Boot:
         done = 0
         while done < self.n_boot:
             b = min(self.chunk, self.n_boot - done)
-            if self.codes is None:
-                m, n = self.pos_idx.size, self.neg_idx.size
-                dp = self.pos_idx[self.rng.integers(0, m, size=(b, m))]
-                dn = self.neg_idx[self.rng.integers(0, n, size=(b, n))]
-                rows_p = np.repeat(np.arange(b), m)
-                rows_n = np.repeat(np.arange(b), n)
-
-                def draws(gid, U, dp=dp, dn=dn, rows_p=rows_p, rows_n=rows_n, b=b):
-                    pw = np.bincount(rows_p * U + gid[dp].ravel(), minlength=b * U).reshape(b, U)
-                    nw = np.bincount(rows_n * U + gid[dn].ravel(), minlength=b * U).reshape(b, U)
-                    return pw.astype(float), nw.astype(float)
-            else:
-                I = self.I
-                dc = self.rng.integers(0, I, size=(b, I))
-                cw = np.bincount((np.arange(b)[:, None] * I + dc).ravel(), minlength=b * I).reshape(b, I)
-                cw = cw.astype(float)
-
-                def draws(gid, U, cw=cw):
-                    codes, yb = self.codes, self.yb
-                    ap = sparse.csr_matrix((np.ones(int(yb.sum())), (codes[yb], gid[yb])), shape=(self.I, U))
-                    an = sparse.csr_matrix((np.ones(int((~yb).sum())), (codes[~yb], gid[~yb])), shape=(self.I, U))
-                    return np.asarray((ap.T @ cw.T).T), np.asarray((an.T @ cw.T).T)
-            yield b, draws
+            yield b, (self._stratified_draws(b) if self.codes is None else self._cluster_draws(b))
             done += b
+
+    def _stratified_draws(self, b):
+        """One chunk of ``b`` stratified replicates (cases drawn within each class)."""
+        m, n = self.pos_idx.size, self.neg_idx.size
+        dp = self.pos_idx[self.rng.integers(0, m, size=(b, m))]
+        dn = self.neg_idx[self.rng.integers(0, n, size=(b, n))]
+        rows_p = np.repeat(np.arange(b), m)
+        rows_n = np.repeat(np.arange(b), n)
+
+        def draws(gid, U):
+            pw = np.bincount(rows_p * U + gid[dp].ravel(), minlength=b * U).reshape(b, U)
+            nw = np.bincount(rows_n * U + gid[dn].ravel(), minlength=b * U).reshape(b, U)
+            return pw.astype(float), nw.astype(float)
+
+        return draws
+
+    def _cluster_draws(self, b):
+        """One chunk of ``b`` cluster replicates (clusters drawn with replacement)."""
+        I = self.I
+        dc = self.rng.integers(0, I, size=(b, I))
+        cw = np.bincount((np.arange(b)[:, None] * I + dc).ravel(), minlength=b * I).reshape(b, I)
+        cw = cw.astype(float)
+
+        def draws(gid, U):
+            codes, yb = self.codes, self.yb
+            ap = sparse.csr_matrix((np.ones(int(yb.sum())), (codes[yb], gid[yb])), shape=(self.I, U))
+            an = sparse.csr_matrix((np.ones(int((~yb).sum())), (codes[~yb], gid[~yb])), shape=(self.I, U))
+            return np.asarray((ap.T @ cw.T).T), np.asarray((an.T @ cw.T).T)
+
+        return draws
 
 
 def _weighted_auc(pw: np.ndarray, nw: np.ndarray) -> np.ndarray:
@@ -535,6 +543,7 @@ def bootstrap_aucs(y, scores, n_boot: int = 2000, seed: int = 0, cluster=None, *
             pw, nw = draws(g.gid, g.values.size)
             out[k, done:done + b] = _weighted_auc(pw, nw)
             if grid is not None:
+                assert tpr is not None
                 tpr[k, done:done + b] = _tpr_on_grid(pw, nw, np.asarray(grid, float))
         done += b
         emit(progress, "bootstrap", done=done, total=boot.n_boot)
@@ -580,14 +589,14 @@ def roc_band(y, score, cluster=None, n_boot: int = 2000, seed: int = 0, level: f
     -------
     dict: ``fpr`` (G,), ``tpr`` (G, the observed curve), ``band_lower``, ``band_upper`` (G,).
     """
-    grid = FPR_GRID if grid is None else np.asarray(grid, float)
-    r = bootstrap_aucs(y, score, n_boot=n_boot, seed=seed, cluster=cluster, grid=grid, source=source)
+    fpr = FPR_GRID if grid is None else np.asarray(grid, float)
+    r = bootstrap_aucs(y, score, n_boot=n_boot, seed=seed, cluster=cluster, grid=fpr, source=source)
     yb = as_labels(y, source=source)
     s = as_scores(score, yb.size, source=source)
     g = _groups(yb, s)
-    obs = _tpr_on_grid(g.pos_in[None, :].astype(float), g.neg_in[None, :].astype(float), grid)[0]
+    obs = _tpr_on_grid(g.pos_in[None, :].astype(float), g.neg_in[None, :].astype(float), fpr)[0]
     lo, hi = _band(r["tpr"][0], level)
-    return {"fpr": grid.tolist(), "tpr": obs.tolist(), "band_lower": lo.tolist(), "band_upper": hi.tolist()}
+    return {"fpr": fpr.tolist(), "tpr": obs.tolist(), "band_lower": lo.tolist(), "band_upper": hi.tolist()}
 
 
 def _band(tpr: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:

@@ -104,7 +104,8 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
                              "models": {}, "comparisons": [], "readers": {}, "reader_agreement": {},
                              "consensus": {}}
     grid = R.FPR_GRID
-    boot = boot_c = None
+    boot: Any = None  # bootstrap_aucs() results, set when both classes and scores exist
+    boot_c: Any = None
     if both and scores:
         emit(progress, "stats", message="bootstrap", done=0, total=len(scores))
         boot = R.bootstrap_aucs(y, S, n_boot=n_boot, seed=seed, grid=None if cluster else grid)
@@ -201,7 +202,8 @@ def set_metrics(df, truth: str = "label", scores: Sequence[str] | None = None, c
         yr, pr = y[ok], vals[ok] == 1
         c = B.confusion(yr, pr)
         met = B._metrics_from_confusion(c, level)
-        out = {"n": int(ok.sum()), "confusion": c, **{k: _prop_block(met[k]) for k in B.METRICS}, "vs": {}}
+        out: dict[str, Any] = {"n": int(ok.sum()), "confusion": c, **{k: _prop_block(met[k]) for k in B.METRICS},
+                               "vs": {}}
         both_r = bool(yr.any() and (~yr).any())
         if rating is not None:
             out.update({"scale": "rating", "positive_rating": RATING_POSITIVE})
@@ -322,6 +324,7 @@ def study_metrics(pred_dir: str | os.PathLike, thresholds: Mapping[str, float] |
         t = tables[set_name]
         sub, sl = t.get("subjects"), t.get("slices")
         ref = sub if sub is not None else sl
+        assert ref is not None, f"set {set_name!r} has no predictions table"
         models = _model_columns(ref, thresholds)
         rd = list(readers) if readers is not None else ([c for c in sub.columns if str(c).startswith("reader_")]
                                                       if sub is not None else [])
@@ -570,7 +573,7 @@ def analyze_predictions(df, truth: str, scores: Sequence[str], cluster: str | No
                            "level": level, "n_boot": int(n_boot), "seed": seed, "threshold": threshold,
                            "scores": {}, "comparisons": [], "readers": {}}
     boot = R.bootstrap_aucs(y, S, n_boot=n_boot, seed=seed, progress=progress)
-    boot_c = R.bootstrap_aucs(y, S, n_boot=n_boot, seed=seed, cluster=codes) if cluster else None
+    boot_c: Any = R.bootstrap_aucs(y, S, n_boot=n_boot, seed=seed, cluster=codes) if cluster else None
     names = list(S)
     Sm = np.vstack([S[s] for s in names])
     V10, V01 = R._placements_multi(y, Sm, m, n - m)

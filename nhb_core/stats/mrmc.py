@@ -32,6 +32,7 @@ import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -681,7 +682,7 @@ def study_mrmc(pred_dir: str | os.PathLike, readings: str | os.PathLike, models:
     out = {}
     for name, sub in tables.items():
         notes: list[str] = []
-        blk = {"design": "networks vs readers", "readings": str(readings), "cov_method": COV_METHODS.get(
+        blk: dict[str, Any] = {"design": "networks vs readers", "readings": str(readings), "cov_method": COV_METHODS.get(
             str(cov).lower(), cov), "level": level, "readers": rdrs, "arms": arms, "models": [], "notes": notes,
             "n_set_subjects": int(len(sub)), "n_cases": 0, "n_pos": 0, "n_neg": 0, "comparisons": {}}
         out[name] = blk
