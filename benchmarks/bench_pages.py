@@ -44,12 +44,13 @@ TARGET_S = 2.0
 
 
 def _ensure_run(runs: Path) -> tuple[Path, str]:
+    from nhb_core.runs import RunFolder
     from nhb_dashboard import data as dd
 
     done = dd.finished_runs(runs)
     if done:
         r = next((x for x in done if x.name == "demo"), done[0])
-        preset = "paper" if (dd.load_metrics(r) or {}).get("cohort", {}).get("flow", {}).get("dataset", {}).get(
+        preset = "paper" if (RunFolder(r).metrics() or {}).get("cohort", {}).get("flow", {}).get("dataset", {}).get(
             "subjects", 0) >= 200 else "small"
         return r, preset
     from nhb_core.study import run_study

@@ -31,6 +31,7 @@ from typing import Any
 from nhb_core.errors import ConfigError, ManifestError, RunError
 from nhb_core.fileio import atomic_write_json, read_json, sha256_file
 from nhb_core.progress import ProgressCallback, emit
+from nhb_core.runs import RunFolder
 
 #: A cohort name becomes part of a set name (``external:<name>``) and of file names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
@@ -93,14 +94,14 @@ def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, nam
     import pandas as pd
 
     from nhb_core.config import dataclass_kwargs, resolve_config
-    from nhb_core.evaluate import predict_slices, set_file_stem, write_predictions
+    from nhb_core.device import resolve_device
+    from nhb_core.evaluate import predict_slices, write_predictions
     from nhb_core.manifest import validate_manifest
     from nhb_core.models import load_trained
-    from nhb_core.runs import now_iso, read_status
+    from nhb_core.runs import now_iso, read_status, set_file_stem
     from nhb_core.slices import PrepareConfig, load_dataset, prepare
     from nhb_core.splits import load_split
     from nhb_core.study import _Study, evaluate_baselines, oracle_auc_for
-    from nhb_core.train import resolve_device
 
     rd = Path(run_dir).expanduser().resolve()
     name = check_cohort_name(name)
@@ -117,9 +118,10 @@ def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, nam
     if set_name in split["sets"]:
         raise ConfigError("--name", f"{set_name} is one of the run's own sets", "Choose another name for the new cohort")
     dev = resolve_device(device)  # an unusable device fails here, before anything is written
-    models = [m for m in cfg["models"] if (rd / "models" / m / "model.json").is_file()]
+    run = RunFolder(rd)
+    models = [m for m in cfg["models"] if run.model_json_path(m).is_file()]
     if not models:
-        raise RunError(rd / "models", "the run has no trained model", "Finish the study first")
+        raise RunError(run.models_dir, "the run has no trained model", "Finish the study first")
 
     emit(progress, "validate", message=f"checking {man.name}")
     rep = validate_manifest(man, nbna_threshold=cfg["validate"].get("nbna_threshold", 37), check_images=True)
@@ -139,14 +141,14 @@ def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, nam
                "sets": {set_name: sorted(ds.index["subject_id"].astype(str).unique().tolist())}}
 
     # predictions are written to a staging folder, then moved over the set's files
-    pred_dir = rd / "predictions"
+    pred_dir = run.predictions_dir
     stage_dir = cdir / "predictions.tmp"
     if stage_dir.exists():
         import shutil
 
         shutil.rmtree(stage_dir)
     for k, m in enumerate(models):
-        model, mj = load_trained(rd / "models" / m, device="cpu")
+        model, mj = load_trained(run.model_dir(m), device="cpu")
         model.to(dev)
         if list(ds.images.shape[1:]) != [int(mj.get("in_chans", 1)), *map(int, mj.get("input_size", []))]:
             raise RunError(ds_dir, f"prepared slices {list(ds.images.shape[1:])} do not fit {m} "

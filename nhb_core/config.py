@@ -31,9 +31,7 @@ from typing import Any
 
 from nhb_core.errors import ConfigError
 from nhb_core.fileio import atomic_write_text
-
-#: The paper's three architectures (timm names).
-PAPER_MODELS = ["resnet18", "densenet121", "efficientnet_b0"]
+from nhb_core.models import DEFAULT_MODELS  # the paper's three architectures: one list, in models.py
 
 #: Default study configuration. The demo (``python -m nhb_core demo``) uses it as
 #: is, so it is sized to finish the paper preset (277 subjects, about 700 slices,
@@ -42,7 +40,7 @@ PAPER_MODELS = ["resnet18", "densenet121", "efficientnet_b0"]
 DEFAULTS: dict[str, Any] = {
     "name": None,            # free text shown in the report; defaults to the run folder's name
     "manifest": None,        # absolute path of the manifest (filled in by run_study)
-    "models": list(PAPER_MODELS),
+    "models": list(DEFAULT_MODELS),
     "baselines": ["si_ratio"],  # domain baselines fitted next to the networks (nhb_core.baselines)
     "seed": 0,
     "seeds": None,           # repeats: e.g. [0, 1, 2]; the run itself uses the first, the others go to RUN/seeds/

@@ -24,23 +24,11 @@ import numpy as np
 from nhb_core.errors import ConfigError, DatasetError
 from nhb_core.fileio import atomic_path
 from nhb_core.progress import ProgressCallback, emit
+from nhb_core.runs import set_file_stem
 
 AGGREGATES = ("mean", "median", "max")
 SLICE_KEYS = ["subject_id", "center", "slice_index", "label"]
 SUBJECT_KEYS = ["subject_id", "center", "label"]
-
-
-def set_file_stem(set_name: str) -> str:
-    """``"external:B"`` -> ``"external_B"`` (file-name form of a set name).
-
-    A set name that is not one plain file-name component (a center with ``/``, ``..``,
-    a control character) is a :class:`~nhb_core.errors.DatasetError`: it would write
-    outside the predictions folder or silently drop the set.
-    """
-    from nhb_core.safety import check_label
-
-    check_label(str(set_name).split(":", 1)[-1], "center (set) name", "split.json", error=DatasetError)
-    return str(set_name).replace(":", "_")
 
 
 def predict_slices(model, images, batch_size: int = 256, device: str = "cpu", amp: bool = False,
@@ -67,7 +55,7 @@ def predict_slices(model, images, batch_size: int = 256, device: str = "cpu", am
     """
     import torch
 
-    from nhb_core.train import amp_settings, autocast_ctx, resolve_device
+    from nhb_core.device import amp_settings, autocast_ctx, resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     amp_dtype, _ = amp_settings(dev, amp)
@@ -172,7 +160,7 @@ def evaluate_model(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike,
     if aggregate not in AGGREGATES:
         raise ConfigError("--aggregate", f"unknown aggregation {aggregate!r}", f"Use one of {', '.join(AGGREGATES)}")
     model, mj = load_trained(model_dir, device="cpu")
-    from nhb_core.train import resolve_device
+    from nhb_core.device import resolve_device
 
     dev = resolve_device(device)
     model.to(dev)

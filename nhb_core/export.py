@@ -141,9 +141,10 @@ def export_onnx(run_dir: PathLike, out_dir: PathLike | None = None, models: list
     """
     import torch
 
-    from nhb_core.predict import load_run_model, run_model_names, weights_sha256
+    from nhb_core.models import load_run_model, weights_sha256
+    from nhb_core.runs import RunFolder
 
-    names = run_model_names(run_dir)
+    names = RunFolder(run_dir).require_trained_models()
     rd = Path(run_dir)
     if models:
         bad = [m for m in models if m not in names]
@@ -177,7 +178,7 @@ def export_onnx(run_dir: PathLike, out_dir: PathLike | None = None, models: list
             "preprocessing": mj.get("preprocessing"),
             "threshold": mj.get("threshold"),
             "threshold_level": mj.get("threshold_level"),
-            "weights_sha256": weights_sha256(rd / "models" / name),
+            "weights_sha256": weights_sha256(RunFolder(rd).model_dir(name)),
             "exporter": exporter,
             "opset": opset,
             "parity_max_abs_diff": diff,

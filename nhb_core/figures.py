@@ -2,8 +2,8 @@
 
 Every builder is a pure function of run data (a ``metrics.json`` dict, a
 predictions DataFrame, a ``history.csv`` DataFrame) returning a
-``plotly.graph_objects.Figure``; nothing is read from disk here except by
-:func:`load_predictions` / :func:`load_histories`, small helpers for callers.
+``plotly.graph_objects.Figure``; nothing is read from disk here (callers read the run
+through :class:`nhb_core.runs.RunFolder`).
 
 Conventions: one colour per model (:func:`model_color`), probabilities in
 [0, 1], FPR = 1 - specificity on the x axis of ROC plots; set names as in
@@ -13,14 +13,14 @@ metrics.json (``test``, ``val``, ``external:B``); levels ``subject`` / ``slice``
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from nhb_core.runs import set_label
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 READER_SYMBOLS = ["diamond", "square", "triangle-up", "cross", "star", "x"]
@@ -58,13 +58,6 @@ def _rgba(hex_color: str, alpha: float) -> str:
     h = hex_color.lstrip("#")
     r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
-
-
-def set_label(set_name: str) -> str:
-    """Human name of a set: ``test`` -> internal test, ``external:B`` -> external center B."""
-    if set_name.startswith("external:"):
-        return f"external center {set_name.split(':', 1)[1]}"
-    return {"test": "internal test", "val": "validation", "train": "training"}.get(set_name, set_name)
 
 
 def level_block(metrics: Mapping[str, Any], set_name: str, level: str = "subject") -> Mapping[str, Any]:
@@ -594,30 +587,6 @@ def seeds_figure(seeds: Mapping[str, Any], height: int = 360) -> go.Figure:
     fig.update_layout(title=f"AUC over seeds {', '.join(map(str, seeds.get('seeds') or []))} (subject level)",
                       boxmode="group", height=height, yaxis=dict(title="AUC", range=[0.4, 1.02]), **LAYOUT)
     return fig
-
-
-# ----------------------------------------------------------------------------- loaders for callers
-
-def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subject") -> Any:
-    """``RUNDIR/predictions/<set>__<level>s.csv`` as a DataFrame (None when absent)."""
-    import pandas as pd
-
-    p = Path(run_dir) / "predictions" / f"{set_name.replace(':', '_')}__{level}s.csv"
-    if not p.exists():
-        return None
-    return pd.read_csv(p, dtype={"subject_id": str, "center": str})
-
-
-def load_histories(run_dir: str | os.PathLike, models: Iterable[str]) -> dict[str, Any]:
-    """model -> DataFrame of ``RUNDIR/models/<model>/history.csv`` (models without one are left out)."""
-    import pandas as pd
-
-    out = {}
-    for m in models:
-        p = Path(run_dir) / "models" / m / "history.csv"
-        if p.exists():
-            out[m] = pd.read_csv(p)
-    return out
 
 
 def thresholds_of(metrics: Mapping[str, Any]) -> dict[str, float]:

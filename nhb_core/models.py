@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,53 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu"):
         raise RunError(w_p, f"weights do not load into {name} ({msg})", "Retrain the model") from None
     model.eval()
     return model.to(torch.device(device)), mj
+
+
+# ---------------------------------------------------------------------------------- a run's models
+
+#: Forward passes and Grad-CAM hooks on a shared (cached) model: one at a time per process (the
+#: dashboard serves sessions from threads that share the models of :func:`load_run_model`).
+MODEL_LOCK = threading.RLock()
+
+_WEIGHT_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """SHA-256 of ``model_dir/model.safetensors`` (memoised by path, size and mtime)."""
+    from nhb_core.fileio import sha256_file
+
+    p = Path(model_dir) / "model.safetensors"
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHT_SHA:
+        _WEIGHT_SHA[key] = sha256_file(p)
+    return _WEIGHT_SHA[key]
+
+
+_MODEL_CACHE: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
+
+
+def load_run_model(run_dir: str | os.PathLike, name: str, device: str = "cpu", cache: bool = True):
+    """``(model in eval mode, model_json)`` of model ``name`` of a run (via :func:`load_trained`).
+
+    Loaded models are kept in memory keyed by path and weights hash, so repeated calls (the
+    dashboard, a batch of cases) do not rebuild them; a retrained model is reloaded.
+    """
+    from nhb_core.runs import RunFolder
+
+    run = RunFolder(run_dir).check()
+    mdir = run.model_dir(name)
+    if not (mdir / "model.json").is_file():
+        raise RunError(mdir, f"model {name!r} is not in this run",
+                       f"Use one of: {', '.join(run.require_trained_models())}")
+    if not (mdir / "model.safetensors").is_file():
+        raise RunError(mdir / "model.safetensors", "missing (the model has not finished training)",
+                       "Wait for the run to finish")
+    key = (str(mdir.resolve()), weights_sha256(mdir), str(device))
+    if cache and key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    model, mj = load_trained(mdir, device=device)
+    model.eval()
+    if cache:
+        _MODEL_CACHE[key] = (model, mj)
+    return model, mj

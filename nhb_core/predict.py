@@ -26,7 +26,9 @@ import numpy as np
 
 from nhb_core.errors import RunError
 from nhb_core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from nhb_core.models import MODEL_LOCK, load_run_model
 from nhb_core.progress import ProgressCallback, emit
+from nhb_core.runs import RunFolder
 
 PathLike = str | os.PathLike
 
@@ -37,93 +39,13 @@ ENSEMBLE_THRESHOLD_RULE = "mean of the models' thresholds"
 # ---------------------------------------------------------------------------------- run models
 
 
-def _check_run(run_dir: PathLike) -> Path:
-    rd = Path(run_dir)
-    if not rd.is_dir():
-        raise RunError(rd, "run folder not found", "Give a run folder made by `python -m nhb_core study`")
-    if not (rd / "models").is_dir():
-        raise RunError(rd, "not a run folder with trained models (no models/ folder)",
-                       "Give a finished run made by `python -m nhb_core study`")
-    return rd
-
-
-def run_model_names(run_dir: PathLike) -> list[str]:
-    """Names of the run's trained models (those with model.json and model.safetensors).
-
-    Ordered as in the run's ``config.yaml`` ``models`` list when there is one, else by name.
-    Raises :class:`~nhb_core.errors.RunError` when the run folder or its models are missing.
-    """
-    rd = _check_run(run_dir)
-    found = sorted(p.name for p in (rd / "models").iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and (p / "model.json").is_file() and (p / "model.safetensors").is_file())
-    if not found:
-        raise RunError(rd / "models", "no trained model (model.json + model.safetensors) in the run",
-                       "Wait for the run to finish training, or rerun the study")
-    order: list[str] = []
-    cfg_p = rd / "config.yaml"
-    if cfg_p.is_file():
-        try:
-            import yaml
-
-            cfg = yaml.safe_load(cfg_p.read_text(encoding="utf-8")) or {}
-            order = [str(m) for m in (cfg.get("models") or []) if isinstance(m, str)]
-        except Exception:  # noqa: BLE001 - the order is cosmetic
-            order = []
-    ranked = [m for m in order if m in found] + [m for m in found if m not in order]
-    return ranked
-
-
-_WEIGHT_SHA: dict[tuple[str, int, int], str] = {}
-
-
-def weights_sha256(model_dir: PathLike) -> str:
-    """SHA-256 of ``model_dir/model.safetensors`` (memoised by path, size and mtime)."""
-    p = Path(model_dir) / "model.safetensors"
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _WEIGHT_SHA:
-        _WEIGHT_SHA[key] = sha256_file(p)
-    return _WEIGHT_SHA[key]
-
-
-_MODEL_CACHE: dict[tuple[str, str, str], tuple[Any, dict[str, Any]]] = {}
-
-
-def load_run_model(run_dir: PathLike, name: str, device: str = "cpu", cache: bool = True):
-    """``(model in eval mode, model_json)`` of model ``name`` of a run (via ``models.load_trained``).
-
-    Loaded models are kept in memory keyed by path and weights hash, so repeated calls (the
-    dashboard, a batch of cases) do not rebuild them; a retrained model is reloaded.
-    """
-    from nhb_core.models import load_trained
-
-    rd = _check_run(run_dir)
-    mdir = rd / "models" / name
-    if not (mdir / "model.json").is_file():
-        raise RunError(mdir, f"model {name!r} is not in this run",
-                       f"Use one of: {', '.join(run_model_names(rd))}")
-    if not (mdir / "model.safetensors").is_file():
-        raise RunError(mdir / "model.safetensors", "missing (the model has not finished training)",
-                       "Wait for the run to finish")
-    key = (str(mdir.resolve()), weights_sha256(mdir), str(device))
-    if cache and key in _MODEL_CACHE:
-        return _MODEL_CACHE[key]
-    model, mj = load_trained(mdir, device=device)
-    model.eval()
-    if cache:
-        _MODEL_CACHE[key] = (model, mj)
-    return model, mj
-
-
 def predict_probs(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Injury probability of each crop, ``sigmoid(logit)``: float64 [N] for images [N, C, H, W]."""
     import torch
 
-    from nhb_core.saliency import _CAM_LOCK
-
     dev = next(model.parameters()).device
     out = []
-    with _CAM_LOCK, torch.no_grad():  # never interleaved with a CAM's hooks on a shared model
+    with MODEL_LOCK, torch.no_grad():  # never interleaved with a CAM's hooks on a shared model
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)).to(dev)
             out.append(torch.sigmoid(model(x).reshape(len(x), -1)[:, 0]).cpu().numpy())
@@ -245,8 +167,9 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: PathLike | None = None, wi
     from nhb_core.slices import PrepareConfig, extract_slices
 
     t0 = time.monotonic()
-    rd = _check_run(run_dir)
-    names = run_model_names(rd)
+    run = RunFolder(run_dir)
+    rd = run.path
+    names = run.require_trained_models()
     if models:
         unknown = [m for m in models if m not in names]
         if unknown:
@@ -262,7 +185,7 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: PathLike | None = None, wi
     geo_by_cfg: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(names):
         model, mj = load_run_model(rd, name, device=device)
-        cfg = PrepareConfig.from_dict(mj.get("preprocessing") or {}, source=str(rd / "models" / name / "model.json"))
+        cfg = PrepareConfig.from_dict(mj.get("preprocessing") or {}, source=str(run.model_json_path(name)))
         key = cfg.sha256()
         if key not in extracted:
             res = extract_slices(t1v.data, roiv.data, tuple(t1v.spacing), cfg, affine=t1v.affine)
@@ -276,7 +199,7 @@ def predict_case(run_dir: PathLike, t1, roi, out_dir: PathLike | None = None, wi
         images = res["images"]
         in_chans = int(mj.get("in_chans", images.shape[1]))
         if images.shape[1] != in_chans:
-            raise RunError(rd / "models" / name / "model.json",
+            raise RunError(run.model_json_path(name),
                            f"the model takes {in_chans} channel(s) but its preprocessing gives {images.shape[1]}",
                            "Retrain the model; its model.json does not match its weights")
         arch = mj.get("architecture") or name

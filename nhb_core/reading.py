@@ -36,6 +36,7 @@ import numpy as np
 
 from nhb_core.errors import InputError
 from nhb_core.fileio import atomic_write_json, atomic_write_text, read_json
+from nhb_core.runs import RunFolder
 
 ARMS = ("unaided", "aided")
 ARM_ORDERS = ("unaided-first", "aided-first", "crossover")
@@ -143,7 +144,7 @@ def _run_manifest(run_dir: Path) -> str | None:
 def _set_table(run_dir: Path, set_name: str):
     import pandas as pd
 
-    p = run_dir / "predictions" / f"{str(set_name).replace(':', '_')}__subjects.csv"
+    p = RunFolder(run_dir).predictions_path(set_name, "subject")
     if not p.is_file():
         raise ReadingError(p, f"the run has no subject-level predictions of set {set_name!r}",
                            "Pick a finished run and one of its held-out sets")
@@ -246,7 +247,7 @@ def create_session(runs_dir: str | os.PathLike, run_dir: str | os.PathLike, read
     washout_days = float(washout_days)
     if not np.isfinite(washout_days) or washout_days < 0:
         raise ReadingError(None, "the washout must be a number of days >= 0", "Give e.g. 0 or 28")
-    if not (run_dir / "predictions").is_dir():
+    if not RunFolder(run_dir).predictions_dir.is_dir():
         raise ReadingError(run_dir, "the run has no predictions", "Pick a finished run")
     table, pred_path = _set_table(run_dir, set_name)
     base_cols = {"subject_id", "center", "label", "slice_index", "row"}
@@ -624,7 +625,7 @@ def session_metrics(sdir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) 
     thresholds = {}
     for m in models:
         try:
-            thr = read_json(run / "models" / m / "model.json").get("threshold")
+            thr = RunFolder(run).model_json(m).get("threshold")
         except (OSError, ValueError):
             thr = None
         if thr is not None:
@@ -648,7 +649,7 @@ def session_metrics(sdir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) 
     rp = sdir / "readings.csv"
     if sess["state"] == "closed" and rp.is_file() and models:
         try:
-            blk = stats.mrmc.study_mrmc(run / "predictions", rp, models, sets=[sess["set"]])
+            blk = stats.mrmc.study_mrmc(RunFolder(run).predictions_dir, rp, models, sets=[sess["set"]])
             out["mrmc"] = blk.get(sess["set"])
         except InputError as err:
             out["notes"].append(f"MRMC: {err.problem}")
@@ -839,7 +840,7 @@ def aid_info(sdir: str | os.PathLike, reader_id: str, code: str, sess: dict | No
     for m in sess["models"]:
         thr = None
         try:
-            thr = read_json(Path(sess["run"]) / "models" / m / "model.json").get("threshold")
+            thr = RunFolder(sess["run"]).model_json(m).get("threshold")
         except (OSError, ValueError):
             pass
         out.append({"model": m, "probability": float(c["probs"][m]), "threshold": thr})

@@ -21,6 +21,7 @@ from typing import Any
 from nhb_core import figures as F
 from nhb_core.errors import RunError
 from nhb_core.fileio import atomic_write_text, read_json
+from nhb_core.runs import RunFolder
 
 #: Bump when the report's content changes (part of the study's report-stage cache key).
 REPORT_VERSION = 2
@@ -127,7 +128,7 @@ def _img_data_uri(path: Path) -> str | None:
 
 
 def _load_saliency(run_dir: Path) -> dict[str, Any] | None:
-    p = run_dir / "saliency" / "summary.json"
+    p = RunFolder(run_dir).saliency_summary_path
     if not p.exists():
         return None
     data = read_json(p)
@@ -147,7 +148,8 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     import plotly
 
     run_dir = Path(run_dir)
-    mpath = run_dir / "metrics.json"
+    rf = RunFolder(run_dir)
+    mpath = rf.metrics_path
     if not mpath.exists():
         raise RunError(run_dir, "the run has no metrics.json", "Finish the study (python -m nhb_core study ...) first")
     metrics = read_json(mpath)
@@ -157,9 +159,9 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
     sets = _ordered_sets(metrics)
     figs = _Figs()
     seeds = None
-    if (run_dir / "seeds.json").is_file():
+    if rf.seeds_path.is_file():
         try:
-            seeds = read_json(run_dir / "seeds.json")
+            seeds = read_json(rf.seeds_path)
         except (OSError, ValueError):
             seeds = None
     seeds_sets = [x for x in sets if seeds and x in (seeds.get("sets") or {})]
@@ -192,7 +194,7 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
         entry["roc_slice"] = figs.html(F.roc_figure(metrics, s, "slice", show_readers=False)) \
             if "slice" in entry["levels"] else None
         entry["delong"] = F.delong_matrix(metrics, s, "subject")
-        pred = F.load_predictions(run_dir, s, "subject")
+        pred = rf.load_predictions(s, "subject")
         if entry["levels"].get("subject"):
             entry["fig_confusion"] = figs.html(F.confusion_figure(metrics, s, "subject", pred=pred))
             entry["fig_calibration"] = figs.html(F.calibration_figure(metrics, s, "subject", pred=pred))
@@ -200,10 +202,10 @@ def build_context(run_dir: str | os.PathLike) -> dict[str, Any]:
         per_set.append(entry)
     ctx["per_set"] = per_set
     ctx["threshold_keys"] = THRESHOLD_KEYS
-    histories = F.load_histories(run_dir, models)
+    histories = rf.histories(models)
     ctx["fig_training"] = figs.html(F.training_figure(histories, models))
     ctx["saliency"] = _load_saliency(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = rf.config_path
     ctx["config_yaml"] = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else json.dumps(run.get("config"), indent=2)
     ctx["checklist"] = CHECKLIST
     ctx["plotly_js"] = plotly.offline.get_plotlyjs()

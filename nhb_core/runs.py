@@ -1,4 +1,9 @@
-"""Run folders: status.json, events.jsonl and log.txt (see docs/runs.md).
+"""Run folders: the one accessor of a study run's layout (:class:`RunFolder`), set names and
+labels, and status.json, events.jsonl and log.txt (see docs/runs.md and docs/design-shared.md).
+
+Every module, page and notebook reads a run through :class:`RunFolder` (paths, trained models,
+sets and their labels, predictions, metrics, status, saliency cache) rather than spelling the
+layout out by hand.
 
 ``status.json`` is rewritten atomically; ``events.jsonl`` is append-only, one
 JSON object per line, and readers tolerate a torn last line (a writer killed
@@ -10,13 +15,293 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nhb_core.fileio import atomic_write_json, to_json
 from nhb_core.progress import ProgressCallback
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 STATES = ("queued", "running", "done", "failed", "cancelled")
+
+#: the two prediction tables of a set (``predictions/<set>__subjects.csv`` / ``__slices.csv``)
+LEVELS = ("subject", "slice")
+
+
+# ----------------------------------------------------------------- sets
+def set_file_stem(set_name: str) -> str:
+    """``"external:B"`` -> ``"external_B"`` (file-name form of a set name).
+
+    A set name that is not one plain file-name component (a center with ``/``, ``..``,
+    a control character) is a :class:`~nhb_core.errors.DatasetError`: it would write
+    outside the predictions folder or silently drop the set.
+    """
+    from nhb_core.errors import DatasetError
+    from nhb_core.safety import check_label
+
+    check_label(str(set_name).split(":", 1)[-1], "center (set) name", "split.json", error=DatasetError)
+    return str(set_name).replace(":", "_")
+
+
+def set_label(set_name: str) -> str:
+    """Human name of a set, the same everywhere (report, CLI, dashboard): ``test`` -> internal test,
+    ``val`` -> validation, ``train`` -> training, ``external:B`` -> external center B."""
+    s = str(set_name)
+    if s.startswith("external:"):
+        return f"external center {s.split(':', 1)[1]}"
+    return {"test": "internal test", "val": "validation", "train": "training"}.get(s, s)
+
+
+def sort_sets(sets: Iterable[str]) -> list[str]:
+    """Display order of sets: ``test``, the external centers, ``val``, then the rest (by name)."""
+    def key(s: str) -> tuple[int, str]:
+        s = str(s)
+        return (0 if s == "test" else 1 if s.startswith("external") else 2 if s == "val" else 3, s)
+
+    return sorted(sets, key=key)
+
+
+def _level_word(level: str) -> str:
+    """``subject``/``subjects`` -> ``subjects`` (the file suffix); same for slices."""
+    lv = str(level).rstrip("s")
+    if lv not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    return lv + "s"
+
+
+class RunFolder:
+    """A study run folder (``runs/<name>/``): the one place that knows its layout.
+
+    Paths are properties (nothing is created); readers return None / {} / an empty table when a
+    file is absent or unreadable, so a page can show a half-finished run. The layout::
+
+        config.yaml split.json status.json events.jsonl log.txt metrics.json report.html
+        models/<model>/{model.json, model.safetensors, history.csv}
+        predictions/<set>__subjects.csv, <set>__slices.csv
+        baselines/<name>.json   cohorts/<name>/   seeds/ + seeds.json
+        saliency/{summary.json, cases.csv, gallery/, cache/<model>/<method>/...}
+    """
+
+    def __init__(self, path: str | os.PathLike | RunFolder) -> None:
+        self.path: Path = Path(path.path if isinstance(path, RunFolder) else path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------- paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / "split.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.path / "predictions"
+
+    @property
+    def baselines_dir(self) -> Path:
+        return self.path / "baselines"
+
+    @property
+    def cohorts_dir(self) -> Path:
+        return self.path / "cohorts"
+
+    @property
+    def seeds_dir(self) -> Path:
+        return self.path / "seeds"
+
+    @property
+    def seeds_path(self) -> Path:
+        return self.path / "seeds.json"
+
+    @property
+    def saliency_dir(self) -> Path:
+        return self.path / "saliency"
+
+    @property
+    def saliency_cache_dir(self) -> Path:
+        return self.saliency_dir / "cache"
+
+    @property
+    def saliency_summary_path(self) -> Path:
+        return self.saliency_dir / "summary.json"
+
+    def model_dir(self, model: str) -> Path:
+        return self.models_dir / str(model)
+
+    def model_json_path(self, model: str) -> Path:
+        return self.model_dir(model) / "model.json"
+
+    def weights_path(self, model: str) -> Path:
+        return self.model_dir(model) / "model.safetensors"
+
+    def history_path(self, model: str) -> Path:
+        return self.model_dir(model) / "history.csv"
+
+    def predictions_path(self, set_name: str, level: str = "subject") -> Path:
+        """``predictions/<set>__subjects.csv`` (``level`` subject/subjects) or ``__slices.csv``."""
+        return self.predictions_dir / f"{set_file_stem(set_name)}__{_level_word(level)}.csv"
+
+    # ------------------------------------------------------------- small files
+    def status(self) -> dict[str, Any] | None:
+        return read_status(self.path)
+
+    def events(self, last: int | None = None) -> list[dict[str, Any]]:
+        return read_events(self.path, last)
+
+    def config(self) -> dict[str, Any]:
+        """``config.yaml`` ({} when absent or unreadable)."""
+        import yaml
+
+        try:
+            with open(self.config_path, encoding="utf-8") as fh:
+                out = yaml.safe_load(fh)
+            return out if isinstance(out, dict) else {}
+        except (OSError, yaml.YAMLError):
+            return {}
+
+    def split(self) -> dict[str, Any] | None:
+        return _read_json_or_none(self.split_path)
+
+    def metrics(self) -> dict[str, Any] | None:
+        """``metrics.json`` (None when absent or unreadable)."""
+        return _read_json_or_none(self.metrics_path)
+
+    def seeds(self) -> dict[str, Any] | None:
+        """``seeds.json`` (repeated seeds), or None."""
+        return _read_json_or_none(self.seeds_path)
+
+    def model_json(self, model: str) -> dict[str, Any]:
+        """``models/<model>/model.json`` ({} when absent or unreadable)."""
+        return _read_json_or_none(self.model_json_path(model)) or {}
+
+    # ------------------------------------------------------------- models
+    def configured_models(self) -> list[str]:
+        """The models the run's config.yaml asks for, in its order (also while they train)."""
+        return [str(m) for m in (self.config().get("models") or []) if isinstance(m, str)]
+
+    def trained_models(self) -> list[str]:
+        """The one rule for a trained model: a folder ``models/<name>/`` (not hidden) with
+        ``model.json`` and ``model.safetensors``. In the config's order, then by name."""
+        d = self.models_dir
+        if not d.is_dir():
+            return []
+        found = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and (p / "model.json").is_file() and (p / "model.safetensors").is_file())
+        order = self.configured_models()
+        return [m for m in order if m in found] + [m for m in found if m not in order]
+
+    def models(self) -> list[str]:
+        """The run's models for display: the configured ones, else the trained ones."""
+        return self.configured_models() or self.trained_models()
+
+    def check(self) -> RunFolder:
+        """``self`` when it is a run folder with a ``models/`` folder, else a ``RunError``."""
+        from nhb_core.errors import RunError
+
+        if not self.path.is_dir():
+            raise RunError(self.path, "run folder not found", "Give a run folder made by `python -m nhb_core study`")
+        if not self.models_dir.is_dir():
+            raise RunError(self.path, "not a run folder with trained models (no models/ folder)",
+                           "Give a finished run made by `python -m nhb_core study`")
+        return self
+
+    def require_trained_models(self) -> list[str]:
+        """:meth:`trained_models` of a checked run; a ``RunError`` when there is none."""
+        from nhb_core.errors import RunError
+
+        found = self.check().trained_models()
+        if not found:
+            raise RunError(self.models_dir, "no trained model (model.json + model.safetensors) in the run",
+                           "Wait for the run to finish training, or rerun the study")
+        return found
+
+    # ------------------------------------------------------------- sets and predictions
+    def prediction_sets(self, level: str = "subject") -> list[str]:
+        """Set names that have a predictions table at ``level``, in :func:`sort_sets` order."""
+        d = self.predictions_dir
+        if not d.is_dir():
+            return []
+        suffix = f"__{_level_word(level)}.csv"
+        known = list(((self.metrics() or {}).get("sets") or {}).keys())
+        split_sets = list(((self.split() or {}).get("sets") or {}).keys())
+        stems = {str(s).replace(":", "_"): s for s in split_sets + known}
+        out = []
+        for f in sorted(d.glob(f"*{suffix}")):
+            stem = f.name[: -len(suffix)]
+            name = stems.get(stem)
+            if name is None:
+                name = "external:" + stem[len("external_"):] if stem.startswith("external_") else stem
+            out.append(name)
+        return sort_sets(out)
+
+    def load_predictions(self, set_name: str, level: str = "subject") -> pd.DataFrame:
+        """A predictions table (``subject_id`` and ``center`` as text); an empty DataFrame when absent."""
+        import pandas as pd
+
+        p = self.predictions_path(set_name, level)
+        if not p.exists():
+            return pd.DataFrame()
+        return pd.read_csv(p, dtype={"subject_id": str, "center": str})
+
+    def load_history(self, model: str) -> pd.DataFrame:
+        """``models/<model>/history.csv`` (empty DataFrame when absent)."""
+        import pandas as pd
+
+        p = self.history_path(model)
+        return pd.read_csv(p) if p.exists() else pd.DataFrame()
+
+    def histories(self, models: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
+        """model -> history table, for the models that have one."""
+        models = self.models() if models is None else models
+        return {m: h for m in models if not (h := self.load_history(m)).empty}
+
+
+def _read_json_or_none(p: Path) -> dict[str, Any] | None:
+    from nhb_core.fileio import read_json
+
+    try:
+        out = read_json(p)
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def now_iso() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,9 @@ import numpy as np
 
 from nhb_core.errors import DatasetError, InputError, RunError
 from nhb_core.fileio import atomic_path, sha256_bytes
+from nhb_core.models import MODEL_LOCK
 from nhb_core.progress import EtaEstimator, ProgressCallback, emit
+from nhb_core.runs import RunFolder
 
 #: Accepted method names (lower case) -> pytorch_grad_cam class name.
 METHODS = {
@@ -52,8 +53,8 @@ _ALIASES = {
 }
 
 #: Grad-CAM hooks the model's layers: one computation at a time per process (the dashboard
-#: serves sessions from threads that share the cached models).
-_CAM_LOCK = threading.RLock()
+#: serves sessions from threads that share the cached models); the same lock as every forward pass.
+_CAM_LOCK = MODEL_LOCK
 
 #: Fractions of the crop's pixels removed by :func:`faithfulness` (most relevant first).
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -540,7 +541,8 @@ def paste_back(cam_crop: np.ndarray, crop_geometry: dict[str, Any], slice_shape:
     return out
 
 
-def _gray_u8(image2d: np.ndarray) -> np.ndarray:
+def gray_u8(image2d: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 between the image's 1st and 99th percentiles (per slice; NaN as 0)."""
     a = np.asarray(image2d, dtype=np.float64)
     a = np.nan_to_num(a, nan=0.0)
     lo, hi = np.percentile(a, [1, 99]) if a.size else (0.0, 1.0)
@@ -585,7 +587,7 @@ def overlay_png(image2d: np.ndarray, cam: np.ndarray | None = None, roi_mask: np
     """
     from PIL import Image
 
-    gray = _gray_u8(image2d)
+    gray = gray_u8(image2d)
     H, W = gray.shape
     if scale is None:
         scale = max(1, int(np.ceil(256 / max(1, min(H, W)))))
@@ -682,10 +684,6 @@ def crop_geometry(centroid_vox: Sequence[float], spacing: Sequence[float], volum
 def _safe_part(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._-")[:max_len]
     return s or "x"
-
-
-def _set_stem(set_name: str) -> str:
-    return str(set_name).replace(":", "_")
 
 
 def run_dataset_dir(run_dir: str | os.PathLike) -> Path:
@@ -807,13 +805,13 @@ def cam_for_case(run_dir: str | os.PathLike, model_name: str, set_name: str, sub
     the key hashing model, method, subject, slice, the weights' SHA-256 and the image's bytes.
     """
     from nhb_core.fileio import sha256_json
-    from nhb_core.predict import load_run_model, weights_sha256
+    from nhb_core.models import load_run_model, weights_sha256
 
     rd = Path(run_dir)
     m = normalize_method(method)
     subject_id = str(subject_id)
     slice_index = int(slice_index)
-    mdir = rd / "models" / model_name
+    mdir = RunFolder(rd).model_dir(model_name)
     if not (mdir / "model.safetensors").is_file():
         raise RunError(mdir, f"model {model_name!r} has no trained weights in this run", "Pick a trained model")
     run_dir_dataset = run_dataset_dir(rd)
@@ -916,7 +914,7 @@ def cam_on_slice(run_dir: str | os.PathLike, case: dict[str, Any]) -> dict[str, 
         raise InputError(manifest, f"subject {case['subject_id']!r} is not in the manifest", "Check the run's manifest")
     t1 = load_t1(row.iloc[0]["t1_path"])
     roi = load_roi(row.iloc[0]["roi_path"], reference=t1)
-    mj = read_json(rd / "models" / case["model"] / "model.json")
+    mj = read_json(RunFolder(rd).model_json_path(case["model"]))
     cfg = PrepareConfig.from_dict(mj.get("preprocessing") or {})
     sp = t1.spacing
     res = extract_slices(t1.data, roi.data, (sp[0], sp[1], sp[2]), cfg, affine=t1.affine)
@@ -1020,11 +1018,9 @@ def saliency_summary(run_dir: str | os.PathLike, model_name: str | None = None, 
     """
     import pandas as pd
 
-    from nhb_core.predict import run_model_names
-
     rd = Path(run_dir)
     m = normalize_method(method)
-    all_models = run_model_names(rd)
+    all_models = RunFolder(rd).require_trained_models()
     if model_name is not None:
         names = [model_name]
     elif models:
@@ -1033,7 +1029,7 @@ def saliency_summary(run_dir: str | os.PathLike, model_name: str | None = None, 
         names = all_models
     missing = [n for n in names if n not in all_models]
     if missing:
-        raise RunError(rd / "models", f"model {missing[0]!r} has no trained weights in this run",
+        raise RunError(RunFolder(rd).models_dir, f"model {missing[0]!r} has no trained weights in this run",
                        f"Use one of: {', '.join(all_models)}")
     set_name = set_name or default_set(rd)
     if max_cases is None and n_cases is not None:
@@ -1042,7 +1038,7 @@ def saliency_summary(run_dir: str | os.PathLike, model_name: str | None = None, 
     members = _set_members(rd, set_name)
     cases = _pick_cases(ds, members, max_cases, seed)
     subj_probs = {}
-    pred_p = rd / "predictions" / f"{_set_stem(set_name)}__subjects.csv"
+    pred_p = RunFolder(rd).predictions_path(set_name, "subject")
     if pred_p.is_file():
         try:
             pdf = pd.read_csv(pred_p, dtype={"subject_id": str})

@@ -45,7 +45,7 @@ from nhb_core.config import dataclass_kwargs, resolve_config, save_config
 from nhb_core.errors import ConfigError, InputError, ManifestError, NHBError, RunError
 from nhb_core.fileio import atomic_write_json, read_json, sha256_file, sha256_json
 from nhb_core.progress import ProgressCallback, chain, emit
-from nhb_core.runs import append_log, event_logger, now_iso, read_status, write_status
+from nhb_core.runs import RunFolder, append_log, event_logger, now_iso, read_status, write_status
 
 STAGES = ("validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
 
@@ -417,7 +417,7 @@ class _Study:
 
         def own_prediction_files() -> list[Path]:
             # the run's own sets only: sets of new cohorts (nhb_core.cohorts) live beside them and survive reruns
-            from nhb_core.evaluate import set_file_stem
+            from nhb_core.runs import set_file_stem
             from nhb_core.splits import load_split, set_names
 
             stems = [set_file_stem(s) for s in set_names(load_split(split_path)) if s != "train"]
@@ -701,12 +701,12 @@ def saliency_overview(run_dir: Path, models: list[str], out_dir: Path, n_cases: 
                                progress=progress)
     atomic_write_text(out_dir / "cases.csv", table.to_csv(index=False))
     means = S.saliency_means(table)
-    stem = set_name.replace(":", "_")
-    subj = pd.read_csv(run_dir / "predictions" / f"{stem}__subjects.csv", dtype={"subject_id": str})
-    slices = pd.read_csv(run_dir / "predictions" / f"{stem}__slices.csv", dtype={"subject_id": str})
+    run = RunFolder(run_dir)
+    subj = pd.read_csv(run.predictions_path(set_name, "subject"), dtype={"subject_id": str})
+    slices = pd.read_csv(run.predictions_path(set_name, "slice"), dtype={"subject_id": str})
     out: dict[str, Any] = {"method": method, "set": set_name, "models": {}}
     for k, m in enumerate(models):
-        mj = read_json(run_dir / "models" / m / "model.json")
+        mj = read_json(run.model_json_path(m))
         cases = _pick_cases(subj, slices, m, float(mj.get("threshold", 0.5)), n_cases)
         for j, c in enumerate(cases):
             emit(progress, "saliency", model=m, message=f"gallery {j + 1}/{len(cases)}")
@@ -933,7 +933,7 @@ def run_study(manifest: str | os.PathLike | None, out_dir: str | os.PathLike,
             raise InputError(man, "manifest file not found", "Give the path of the cohort's manifest.csv")
         cfg["manifest"] = str(man)
         if str(cfg.get("device") or "auto") not in ("auto", "cpu"):
-            from nhb_core.train import resolve_device
+            from nhb_core.device import resolve_device
 
             try:
                 resolve_device(str(cfg["device"]))  # before anything in the run folder changes

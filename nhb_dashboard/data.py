@@ -8,7 +8,6 @@ is re-read and an unchanged one never is. (Formerly ``nhb_core.dashboard_data``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from nhb_core.fileio import read_json
-from nhb_core.runs import list_runs, read_events, read_status
+from nhb_core.runs import RunFolder, list_runs, read_events, read_status, set_label, sort_sets
 
 STAGE_ORDER = ("queued", "starting", "validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
 
@@ -39,114 +38,6 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
         return (str(p), 0, -1)
 
 
-def set_file_stem(set_name: str) -> str:
-    """File-name form of a set name (``external:B`` -> ``external_B``)."""
-    return str(set_name).replace(":", "_")
-
-
-def set_label(set_name: str) -> str:
-    """Human label of a set (``test`` -> ``internal test``, ``external:B`` -> ``external B``)."""
-    s = str(set_name)
-    if s == "test":
-        return "internal test"
-    if s == "val":
-        return "validation"
-    if s.startswith("external:"):
-        return "external " + s.split(":", 1)[1]
-    return s
-
-
-def load_metrics(run_dir: str | os.PathLike) -> dict | None:
-    """``metrics.json`` of a run, or None when absent/unreadable."""
-    p = Path(run_dir) / "metrics.json"
-    try:
-        return read_json(p)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def read_config(run_dir: str | os.PathLike) -> dict:
-    """``config.yaml`` of a run ({} when absent)."""
-    import yaml
-
-    p = Path(run_dir) / "config.yaml"
-    try:
-        with open(p, encoding="utf-8") as fh:
-            out = yaml.safe_load(fh)
-        return out if isinstance(out, dict) else {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-def read_split(run_dir: str | os.PathLike) -> dict | None:
-    try:
-        return read_json(Path(run_dir) / "split.json")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_models(run_dir: str | os.PathLike) -> list[str]:
-    """Models of a run: those its config.yaml lists, else the folders under ``models/``
-    with a model.json (trained or training)."""
-    models = [str(m) for m in (read_config(run_dir).get("models") or [])]
-    if models:
-        return models
-    mdir = Path(run_dir) / "models"
-    return sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and (p / "model.json").exists()) \
-        if mdir.is_dir() else []
-
-
-def model_json(run_dir: str | os.PathLike, model: str) -> dict:
-    try:
-        return read_json(Path(run_dir) / "models" / model / "model.json")
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def prediction_sets(run_dir: str | os.PathLike, level: str = "subjects") -> list[str]:
-    """Set names that have a predictions file (``test`` first, then externals, then val)."""
-    pdir = Path(run_dir) / "predictions"
-    if not pdir.is_dir():
-        return []
-    metrics = load_metrics(run_dir) or {}
-    known = list((metrics.get("sets") or {}).keys())
-    stems = {set_file_stem(s): s for s in known}
-    out = []
-    for f in sorted(pdir.glob(f"*__{level}.csv")):
-        stem = f.name[: -len(f"__{level}.csv")]
-        name = stems.get(stem)
-        if name is None:
-            name = "external:" + stem[len("external_"):] if stem.startswith("external_") else stem
-        out.append(name)
-    return sort_sets(out)
-
-
-def sort_sets(sets) -> list[str]:
-    def key(s):
-        s = str(s)
-        return (0 if s == "test" else 1 if s.startswith("external") else 2 if s == "val" else 3, s)
-
-    return sorted(sets, key=key)
-
-
-def predictions_path(run_dir: str | os.PathLike, set_name: str, level: str = "subjects") -> Path:
-    """``level`` is ``subjects`` or ``slices``."""
-    return Path(run_dir) / "predictions" / f"{set_file_stem(set_name)}__{level}.csv"
-
-
-def load_predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subjects") -> pd.DataFrame:
-    """A predictions table (subject_id as str); empty DataFrame when absent."""
-    p = predictions_path(run_dir, set_name, level)
-    if not p.exists():
-        return pd.DataFrame()
-    return pd.read_csv(p, dtype={"subject_id": str, "center": str})
-
-
-def load_history(run_dir: str | os.PathLike, model: str) -> pd.DataFrame:
-    p = Path(run_dir) / "models" / model / "history.csv"
-    return pd.read_csv(p) if p.exists() else pd.DataFrame()
-
-
 # ----------------------------------------------------------------- runs table
 def _fmt_created(st: dict, run_dir: Path) -> str:
     for k in ("submitted", "started"):
@@ -163,11 +54,12 @@ def _fmt_created(st: dict, run_dir: Path) -> str:
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     """One row of the runs table as a dict: name, status, stage, models, sets,
     leakage flag, created, error and ``auc`` = {(set, model): subject-level AUC}."""
-    run_dir = Path(run_dir)
-    st = read_status(run_dir) or {}
-    metrics = load_metrics(run_dir) or {}
-    split = read_split(run_dir) or {}
-    cfg = read_config(run_dir)
+    run = RunFolder(run_dir)
+    run_dir = run.path
+    st = run.status() or {}
+    metrics = run.metrics() or {}
+    split = run.split() or {}
+    cfg = run.config()
     sets_m = metrics.get("sets") or {}
     aucs: dict[tuple[str, str], float] = {}
     for s, block in sets_m.items():
@@ -185,7 +77,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
         "name": run_dir.name,
         "status": st.get("state", "unknown"),
         "stage": st.get("stage") or "",
-        "models": run_models(run_dir),
+        "models": run.models(),
         "sets": sets,
         "leaky": bool(leaky) if leaky is not None else None,
         "created": _fmt_created(st, run_dir),
@@ -250,7 +142,7 @@ def auc_overview(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
 def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
     """Runs with a metrics.json (done, or finished enough to show results)."""
-    return [r for r in list_runs(runs_dir) if (r / "metrics.json").exists()]
+    return [r for r in list_runs(runs_dir) if RunFolder(r).metrics_path.exists()]
 
 
 # ----------------------------------------------------------------- progress
@@ -467,16 +359,12 @@ def auc_table(metrics: dict, level: str = "subject") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def delong_matrix(metrics: dict, set_name: str, level: str = "subject") -> pd.DataFrame:
-    """Square DataFrame of DeLong p-values between the models of one set."""
-    blk = level_block(metrics, set_name, level)
-    models = list((blk.get("models") or {}).keys())
-    mat = pd.DataFrame(np.nan, index=models, columns=models)
-    for c in blk.get("comparisons") or []:
-        a, b, p = c.get("a"), c.get("b"), c.get("delong_p")
-        if a in mat.index and b in mat.columns and p is not None:
-            mat.loc[a, b] = mat.loc[b, a] = p
-    return mat
+def delong_table(metrics: dict, set_name: str, level: str = "subject") -> pd.DataFrame:
+    """:func:`nhb_core.figures.delong_matrix` (the one DeLong p-value matrix) as a square DataFrame."""
+    from nhb_core.figures import delong_matrix
+
+    names, p = delong_matrix(metrics or {}, set_name, level)
+    return pd.DataFrame(p, index=names, columns=names)
 
 
 def reader_table(metrics: dict, set_name: str, level: str = "subject") -> pd.DataFrame:
@@ -526,7 +414,7 @@ def mrmc_tables(metrics: dict, set_name: str) -> tuple[dict | None, pd.DataFrame
 
 def model_threshold(run_dir: str | os.PathLike, model: str, metrics: dict | None = None) -> float:
     """The model's decision threshold (model.json, else metrics, else 0.5)."""
-    mj = model_json(run_dir, model)
+    mj = RunFolder(run_dir).model_json(model)
     if mj.get("threshold") is not None:
         return float(mj["threshold"])
     for s in ((metrics or {}).get("sets") or {}):
@@ -556,7 +444,7 @@ def known_manifests(runs_dir: str | os.PathLike) -> list[tuple[str, Path]]:
     seen = {p.resolve() for _, p in out}
     for r in list_runs(runs_dir):
         st = read_status(r) or {}
-        m = st.get("manifest") or read_config(r).get("manifest")
+        m = st.get("manifest") or RunFolder(r).config().get("manifest")
         if not m:
             continue
         p = Path(m)
@@ -605,21 +493,11 @@ def axial_display(volume: np.ndarray, z: int) -> np.ndarray:
     return np.asarray(volume[::-1, ::-1, int(z)]).T
 
 
-def gray_u8(image2d: np.ndarray) -> np.ndarray:
-    """Grayscale uint8 between the image's 1st and 99th percentiles (per slice)."""
-    a = np.nan_to_num(np.asarray(image2d, dtype=np.float64))
-    lo, hi = (np.percentile(a, [1, 99]) if a.size else (0.0, 1.0))
-    if hi <= lo:
-        lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return (np.clip((a - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-
-
 def slice_with_contours(image2d: np.ndarray, labels2d: np.ndarray | None = None, scale: int = 1) -> np.ndarray:
     """RGB uint8 [H*scale, W*scale, 3]: the slice in grayscale with the outline of
     each ROI label in its colour (:func:`nhb_core.figures.contour_rgb`)."""
     from nhb_core.figures import contour_rgb
+    from nhb_core.saliency import gray_u8
 
     return contour_rgb(gray_u8(image2d), labels2d, scale)
 
@@ -753,7 +631,7 @@ def subject_slices(index: pd.DataFrame, subject_id: str) -> list[int]:
 
 
 def saliency_summary_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "saliency" / "summary.json"
+    return RunFolder(run_dir).saliency_summary_path
 
 
 def load_saliency_summary(summary_json: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
@@ -829,13 +707,7 @@ def means_table(means: pd.DataFrame) -> pd.DataFrame:
 
 def seed_summary(run_dir: Path) -> dict | None:
     """The run's ``seeds.json`` (repeated seeds, ``nhb_core.study.seed_summary``), or None."""
-    p = Path(run_dir) / "seeds.json"
-    if not p.is_file():
-        return None
-    try:
-        return read_json(p)
-    except (OSError, ValueError):
-        return None
+    return RunFolder(run_dir).seeds()
 
 
 def seed_table(seeds: dict) -> pd.DataFrame:

@@ -27,6 +27,7 @@ import pandas as pd
 import streamlit as st
 
 from nhb_core.errors import NHBError
+from nhb_core.runs import RunFolder
 from nhb_dashboard import data as dd
 
 POLL_S = float(os.environ.get("NHB_POLL_S", "2") or 2)
@@ -83,33 +84,35 @@ def md_escape(s: Any) -> str:
 
 
 # ----------------------------------------------------------------- cached loaders
+# each cached on the run folder and the file's key (path, mtime, size): re-read when the file changes
 @st.cache_data(show_spinner=False, max_entries=256)
-def _metrics(key: tuple) -> dict | None:
-    return dd.load_metrics(Path(key[0]).parent)
+def _metrics(run_dir: str, key: tuple) -> dict | None:
+    return RunFolder(run_dir).metrics()
 
 
 def metrics(run_dir: str | os.PathLike) -> dict | None:
     """metrics.json, cached until the file changes."""
-    return _metrics(dd.file_key(Path(run_dir) / "metrics.json"))
+    return _metrics(str(run_dir), dd.file_key(RunFolder(run_dir).metrics_path))
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _predictions(key: tuple, set_name: str, level: str) -> pd.DataFrame:
-    p = Path(key[0])
-    return dd.load_predictions(p.parent.parent, set_name, level)
+def _predictions(run_dir: str, key: tuple, set_name: str, level: str) -> pd.DataFrame:
+    return RunFolder(run_dir).load_predictions(set_name, level)
 
 
-def predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subjects") -> pd.DataFrame:
-    return _predictions(dd.file_key(dd.predictions_path(run_dir, set_name, level)), set_name, level)
+def predictions(run_dir: str | os.PathLike, set_name: str, level: str = "subject") -> pd.DataFrame:
+    """A predictions table (``level`` subject(s) / slice(s)), cached until the file changes."""
+    key = dd.file_key(RunFolder(run_dir).predictions_path(set_name, level))
+    return _predictions(str(run_dir), key, set_name, level)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _history(key: tuple, model: str) -> pd.DataFrame:
-    return dd.load_history(Path(key[0]).parents[2], model)
+def _history(run_dir: str, key: tuple, model: str) -> pd.DataFrame:
+    return RunFolder(run_dir).load_history(model)
 
 
 def history(run_dir: str | os.PathLike, model: str) -> pd.DataFrame:
-    return _history(dd.file_key(Path(run_dir) / "models" / model / "history.csv"), model)
+    return _history(str(run_dir), dd.file_key(RunFolder(run_dir).history_path(model)), model)
 
 
 @st.cache_data(show_spinner=False, max_entries=64, ttl=5)
@@ -122,7 +125,7 @@ def runs_table(runs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     :func:`~nhb_dashboard.data.auc_overview`), re-read when any run's status/metrics file changes."""
     from nhb_core.runs import list_runs
 
-    keys = tuple((dd.file_key(r / "status.json"), dd.file_key(r / "metrics.json")) for r in list_runs(runs))
+    keys = tuple((dd.file_key(RunFolder(r).status_path), dd.file_key(RunFolder(r).metrics_path)) for r in list_runs(runs))
     return _runs_table(str(runs), keys)
 
 

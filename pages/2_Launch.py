@@ -14,8 +14,8 @@ from pathlib import Path
 import streamlit as st
 
 from nhb_core import jobs
-from nhb_core.config import PAPER_MODELS
-from nhb_core.runs import list_runs, read_status
+from nhb_core.models import DEFAULT_MODELS
+from nhb_core.runs import RunFolder, list_runs, read_status
 from nhb_dashboard import data as dd
 from nhb_dashboard import ui
 
@@ -42,7 +42,7 @@ with ui.guard():
     with st.form("launch_form"):
         c1, c2 = st.columns(2)
         name = c1.text_input("Run name", value="study", key="launch_name", help="Letters, digits, _ and - (other characters become -).")
-        models = c2.multiselect("Models", PAPER_MODELS, default=PAPER_MODELS, key="launch_models")
+        models = c2.multiselect("Models", list(DEFAULT_MODELS), default=list(DEFAULT_MODELS), key="launch_models")
         c1, c2, c3 = st.columns(3)
         epochs = c1.number_input("Epochs", min_value=1, max_value=500, value=8, step=1, key="launch_epochs")
         batch = c2.number_input("Batch size", min_value=1, max_value=1024, value=32, step=1, key="launch_batch")
@@ -109,7 +109,7 @@ def _job_card(run_dir: Path, st_: dict) -> None:
             if state == "done":
                 st.caption("Finished: open it on the Results and Saliency pages.")
             if state == "running":
-                eta = dd.overall_eta(rows, st_, dd.read_config(run_dir).get("models"))
+                eta = dd.overall_eta(rows, st_, RunFolder(run_dir).configured_models())
                 st.caption(f"ETA: {dd.fmt_seconds(eta)}")
             tail = dd.log_tail(run_dir, 12)
             if tail:

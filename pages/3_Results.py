@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from nhb_core import figures
+from nhb_core.runs import RunFolder
 from nhb_dashboard import data as dd
 from nhb_dashboard import figs, ui
 
@@ -31,7 +32,7 @@ def roc_fig(mkey: tuple, set_name: str, level: str):
 def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
     run_dir = Path(mkey[0]).parent
     m = ui.metrics(run_dir) or {}
-    pred = ui.predictions(run_dir, set_name, "subjects" if level == "subject" else "slices")
+    pred = ui.predictions(run_dir, set_name, level)
     return (figs.confusion(figures.confusion_figure(m, set_name, level, pred=pred)),
             figs.below_legend(figures.calibration_figure(m, set_name, level, pred=pred)),
             figs.below_legend(figures.decision_curve_figure(m, set_name, level, pred=pred)))
@@ -40,7 +41,7 @@ def pred_figs(mkey: tuple, pkey: tuple, set_name: str, level: str):
 @st.cache_resource(show_spinner=False, max_entries=64)
 def train_fig(keys: tuple, run: str):
     run_dir = Path(run)
-    models = dd.run_models(run_dir)
+    models = RunFolder(run_dir).models()
     return figs.training(figures.training_figure(
         {m: ui.history(run_dir, m) for m in models if len(ui.history(run_dir, m))}, models))
 
@@ -59,17 +60,17 @@ def render_run(run_dir: Path, level: str, kp: str, compact: bool) -> None:
     """One run; a progress bar while its figures are built the first time in this process."""
     m = ui.metrics(run_dir)
     n_sets = len([s for s in ((m or {}).get("sets") or {}) if s != "val"])
-    warm = ui.is_warm("results", dd.file_key(run_dir / "metrics.json"), level)
+    warm = ui.is_warm("results", dd.file_key(RunFolder(run_dir).metrics_path), level)
     with ui.steps(f"Building the figures of {run_dir.name}", n_sets + 2, show=not warm and n_sets > 0) as prog:
         _render_run(run_dir, m, level, kp, compact, prog)
-    ui.mark_warm("results", dd.file_key(run_dir / "metrics.json"), level)
+    ui.mark_warm("results", dd.file_key(RunFolder(run_dir).metrics_path), level)
 
 
 def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> None:
     if not m:
         st.info("This run has no metrics.json yet.")
         return
-    mkey = dd.file_key(run_dir / "metrics.json")
+    mkey = dd.file_key(RunFolder(run_dir).metrics_path)
     summ = dd.run_summary(run_dir)
     unit = (m.get("run") or {}).get("split_unit") or ("slice" if m.get("leaky") else "subject")
     st.markdown(f"### {ui.md_escape(run_dir.name)}")
@@ -113,7 +114,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
     seeds = dd.seed_summary(run_dir)
     if seeds:
         st.markdown("#### Repeated seeds")
-        st.plotly_chart(seeds_fig(dd.file_key(run_dir / "seeds.json")), key=f"{kp}seeds", width="stretch")
+        st.plotly_chart(seeds_fig(dd.file_key(RunFolder(run_dir).seeds_path)), key=f"{kp}seeds", width="stretch")
         ui.show_table(dd.seed_table(seeds), column_config={
             c: st.column_config.NumberColumn(c, format="%.3f") for c in ("mean", "SD", "min", "max")})
         st.caption(f"The study repeated with seeds {', '.join(map(str, seeds.get('seeds') or []))} (split and "
@@ -121,7 +122,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
 
     set_pick = st.selectbox("Set for the detailed tables", sets, format_func=dd.set_label, key=f"{kp}set")
     st.markdown("#### DeLong p-values (paired, model vs model)")
-    dl = dd.delong_matrix(m, set_pick, level)
+    dl = dd.delong_table(m, set_pick, level)
     if dl.shape[0] >= 2:
         st.dataframe(dl.apply(lambda col: col.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")), width="stretch")
         st.caption("\\- : not computed (a model compared with itself, or too few cases of one class).")
@@ -153,7 +154,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
         for note in mr.get("notes") or []:
             st.caption(ui.md_escape(note))
 
-    pkey = dd.file_key(dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices"))
+    pkey = dd.file_key(RunFolder(run_dir).predictions_path(set_pick, level))
     if pkey[2] >= 0:
         conf, cal, dca = pred_figs(mkey, pkey, set_pick, level)
         ui.advance(prog, "confusion, calibration, decision curves")
@@ -171,13 +172,13 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
                    "Wilson 95% CI); decision curves: net benefit of treating at each threshold.")
 
     st.markdown("#### Training curves")
-    hkeys = tuple(dd.file_key(run_dir / "models" / x / "history.csv") for x in summ["models"])
+    hkeys = tuple(dd.file_key(RunFolder(run_dir).history_path(x)) for x in summ["models"])
     st.plotly_chart(train_fig(hkeys, str(run_dir)), key=f"{kp}train", width="stretch")
     ui.advance(prog, "training curves")
 
     st.markdown("#### Downloads")
     c1, c2, c3 = st.columns(3)
-    pk = dd.predictions_path(run_dir, set_pick, "subjects" if level == "subject" else "slices")
+    pk = RunFolder(run_dir).predictions_path(set_pick, level)
     if pk.exists():
         c1.download_button("Predictions CSV", dd.csv_download(pk), file_name=f"{run_dir.name}_{pk.name}",
                            mime="text/csv", key=f"{kp}dl_pred")

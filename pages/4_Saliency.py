@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from nhb_core import saliency
+from nhb_core.runs import RunFolder
 from nhb_dashboard import data as dd
 from nhb_dashboard import ui
 
@@ -59,9 +60,9 @@ with ui.guard():
     c1, c2, c3, c4 = st.columns(4)
     names = [r.name for r in finished]
     run = runs / c1.selectbox("Run", names, index=ui.run_index(names), key="sal_run")
-    models = dd.run_models(run)
+    models = RunFolder(run).trained_models()
     model = c2.selectbox("Model", models, key="sal_model")
-    sets = dd.prediction_sets(run)
+    sets = RunFolder(run).prediction_sets()
     set_name = c3.selectbox("Set", sets, format_func=dd.set_label, key="sal_set",
                             index=sets.index("test") if "test" in sets else 0)
     method = c4.selectbox("Method", list(saliency.METHODS), format_func=METHOD_LABELS.get, key="sal_method",
@@ -70,7 +71,7 @@ with ui.guard():
 
     m = ui.metrics(run) or {}
     thr = dd.model_threshold(run, model, m)
-    pred = ui.predictions(run, set_name, "subjects")
+    pred = ui.predictions(run, set_name, "subject")
     table = dd.outcome_table(pred, model, thr)
     c1, c2, c3 = st.columns([2, 1, 1])
     outcomes = c1.multiselect("Outcome at the model's threshold", ["TP", "FP", "FN", "TN"],
@@ -95,7 +96,7 @@ with ui.guard():
 
     # every model's map of this slice (the selected model first, then its full-slice placement);
     # a cold map costs seconds (model load + CAM + faithfulness): a progress bar counts them
-    wkeys = {mod: dd.file_key(run / "models" / mod / "model.safetensors") for mod in models}
+    wkeys = {mod: dd.file_key(RunFolder(run).weights_path(mod)) for mod in models}
     order = [model] + [x for x in models if x != model]
     todo = [("case", mod) for mod in order] + [("slice", model)]
     cold = [t for t in todo if not ui.is_warm("saliency", str(run), wkeys[t[1]], t, set_name, str(sid), int(z), method)]
@@ -156,7 +157,7 @@ with ui.guard():
         st.session_state["sal_summary"] = (str(run), set_name, method, int(n_cases))
     want = st.session_state.get("sal_summary")
     if want and want[0] == str(run):
-        key = (*want, tuple(dd.file_key(run / "models" / x / "model.safetensors") for x in models))
+        key = (*want, tuple(dd.file_key(RunFolder(run).weights_path(x)) for x in models))
         computed = st.session_state.setdefault("sal_summary_tables", {})
         if key not in computed:
             with ui.steps(f"Computing saliency over {want[3]} cases x {len(models)} models (cached on disk per case)",

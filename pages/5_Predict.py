@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from nhb_core.errors import NHBError
+from nhb_core.runs import RunFolder
 from nhb_dashboard import data as dd
 from nhb_dashboard import ui
 
@@ -26,11 +27,11 @@ st.caption("Upload a T1 (NIfTI .nii/.nii.gz, or a .zip of one DICOM series) and 
 def warm_models(run: str, keys: tuple) -> None:
     """Load every model of a run once per process (nhb_core.predict keeps them in memory), with a
     progress bar over the models the first time (seconds each)."""
-    from nhb_core.predict import load_run_model, run_model_names
+    from nhb_core.models import load_run_model
 
     if ui.is_warm("models", run, keys):
         return
-    names = run_model_names(run)
+    names = RunFolder(run).require_trained_models()
     with ui.steps("Loading the run's models", len(names)) as prog:
         for n in names:
             load_run_model(run, n)
@@ -56,8 +57,7 @@ def predict(run: str, keys: tuple, t1_bytes: bytes, t1_name: str, roi_bytes: byt
 
 
 with ui.guard():
-    finished = [r for r in dd.finished_runs(runs)
-                if any((r / "models" / m / "model.safetensors").exists() for m in dd.run_models(r))]
+    finished = [r for r in dd.finished_runs(runs) if RunFolder(r).trained_models()]
     if not finished:
         st.info("No finished run with trained models yet. Start one on the Launch page (or `make demo`).")
         st.stop()
@@ -65,7 +65,7 @@ with ui.guard():
     names = [r.name for r in finished]
     run = runs / c1.selectbox("Run", names, index=ui.run_index(names), key="pred_run")
     method = c2.selectbox("Saliency method", ["gradcam", "gradcam++", "eigencam", "layercam"], key="pred_method")
-    keys = tuple(dd.file_key(run / "models" / m / "model.safetensors") for m in dd.run_models(run))
+    keys = tuple(dd.file_key(RunFolder(run).weights_path(m)) for m in RunFolder(run).trained_models())
     warm_models(str(run), keys)
     with st.form("predict_form"):
         c1, c2 = st.columns(2)

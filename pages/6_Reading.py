@@ -24,6 +24,7 @@ from pathlib import Path
 import streamlit as st
 
 from nhb_core import reading as R
+from nhb_core.runs import RunFolder
 from nhb_dashboard import data as dd
 from nhb_dashboard import ui
 
@@ -312,8 +313,8 @@ def new_session_form() -> None:
     names = [r.name for r in finished]
     run_name = st.selectbox("Run", names, index=ui.run_index(names), key="rd_new_run")
     run = runs / run_name
-    sets = [s for s in dd.prediction_sets(run) if s != "val"] or dd.prediction_sets(run)
-    models = dd.run_models(run)
+    sets = [s for s in RunFolder(run).prediction_sets() if s != "val"] or RunFolder(run).prediction_sets()
+    models = RunFolder(run).models()
     with st.form("rd_new"):
         title = st.text_input("Title (optional)", key="rd_new_title", max_chars=120)
         c1, c2 = st.columns(2)

@@ -272,7 +272,7 @@ def test_center_with_a_space_is_fine(tmp_path):
 
 
 def test_set_file_stem_refuses_a_path_escape():
-    from nhb_core.evaluate import set_file_stem
+    from nhb_core.runs import set_file_stem
 
     assert set_file_stem("external:Site B") == "external_Site B"
     with pytest.raises(DatasetError, match="contains '/'"):

@@ -115,7 +115,9 @@ def test_figures_are_pure_functions(fake_run):
     pm_names, pm = F.delong_matrix(m, "test")
     comp = m["sets"]["test"]["level"]["subject"]["comparisons"][0]
     assert pm_names == ["resnet18", "densenet121"] and pm[0, 1] == pytest.approx(comp["delong_p"]) and np.isnan(pm[0, 0])
-    pred = F.load_predictions(fake_run, "test")
+    from nhb_core.runs import RunFolder
+
+    pred = RunFolder(fake_run).load_predictions("test")
     cm = F.confusion_counts(pred["label"], pred["resnet18"], 0.5)
     assert cm.sum() == len(pred)
     assert cm[1].sum() == pred["label"].sum()
@@ -126,7 +128,7 @@ def test_figures_are_pure_functions(fake_run):
     f, t = F.binormal_roc(0.9)
     assert np.trapezoid(t, f) == pytest.approx(0.9, abs=0.01)
     for fig in (F.confusion_figure(m, "test"), F.calibration_figure(m, "test"), F.decision_curve_figure(m, "test"),
-                F.training_figure(F.load_histories(fake_run, ["resnet18"])),
+                F.training_figure(RunFolder(fake_run).histories(["resnet18"])),
                 F.flow_figure(m["cohort"]["flow"]), F.auc_bar_figure(m), F.delong_figure(m, "test")):
         assert len(fig.data) >= 1
     # missing data gives an explanatory empty figure, not an exception

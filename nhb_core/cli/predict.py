@@ -33,12 +33,14 @@ def predict(
     carry no DICOM field and no input file name beyond a sanitised stem.
     """
     from nhb_core.fileio import to_json
-    from nhb_core.predict import _check_run, predict_case, safe_stem
+    from nhb_core.predict import predict_case, safe_stem
     from nhb_core.progress import rich_progress
     from nhb_core.saliency import normalize_method
 
     normalize_method(method)
-    rd = _check_run(run)
+    from nhb_core.runs import RunFolder
+
+    rd = RunFolder(run).check().path
     if out is None:
         if t1.is_dir():  # a DICOM folder's name may identify the patient: never reuse it
             from nhb_core.fileio import sha256_file

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from nhb_core.cli import app
+from nhb_core.runs import RunFolder
 
 
 @app.command("synth-readings")
@@ -30,7 +31,7 @@ def synth_readings_command(
 
     network = None
     if run is not None:
-        files = sorted((run / "predictions").glob("*__subjects.csv"))
+        files = sorted(RunFolder(run).predictions_dir.glob("*__subjects.csv"))
         if not files:
             raise RunError(run, "has no predictions/*__subjects.csv", "Give a run whose evaluate stage finished")
         preds = pd.concat([pd.read_csv(f, dtype={"subject_id": str}) for f in files], ignore_index=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from nhb_core.cli import app
+from nhb_core.runs import RunFolder
 
 
 def _load_yaml(path: Path) -> dict:
@@ -109,7 +110,8 @@ def train_cmd(
 def _find_models(run: Path) -> list[Path]:
     if (run / "model.json").exists():
         return [run]
-    return sorted(p.parent for p in (run / "models").glob("*/model.json"))
+    rf = RunFolder(run)
+    return [rf.model_dir(m) for m in rf.trained_models()]
 
 
 @app.command("evaluate")
@@ -178,7 +180,7 @@ def evaluate_cmd(
                         break
             if sp is None:
                 raise DatasetError(run / "split.json", "no split found for the run", "Give it with --split FILE")
-            res = evaluate_model(mdir, ds, sp, run / "predictions", aggregate=aggregate, progress=cb,
+            res = evaluate_model(mdir, ds, sp, RunFolder(run).predictions_dir, aggregate=aggregate, progress=cb,
                                  batch_size=batch_size, device=device)
             results.append((mj.get("name") or mdir.name, res))
     import pandas as pd
