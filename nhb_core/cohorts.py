@@ -177,11 +177,11 @@ def evaluate_cohort(run_dir: str | os.PathLike, manifest: str | os.PathLike, nam
     study = _Study(Path(cfg["manifest"]), rd, cfg, progress)
     old = {}
     try:
-        old = read_json(rd / "metrics.json")
+        old = read_json(run.metrics_path)
     except (OSError, ValueError):
         pass
     hashes = ((old.get("run") or {}).get("sha256")) or {}
-    study._write_metrics(rd / "metrics.json", _run_dataset(rd, cfg), rd / "split.json", pred_dir, hashes)
+    study._write_metrics(run.metrics_path, _run_dataset(rd, cfg), run.split_path, pred_dir, hashes)
     if cfg["report"].get("enabled", True):
         from nhb_core import report as _report
 

@@ -136,7 +136,7 @@ def _run_manifest(run_dir: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        return (read_json(run_dir / "metrics.json").get("run") or {}).get("manifest")
+        return (read_json(RunFolder(run_dir).metrics_path).get("run") or {}).get("manifest")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -17,8 +17,7 @@ def _print_auc_table(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from nhb_core.figures import set_label
-    from nhb_core.fileio import read_json
+    from nhb_core.runs import RunFolder, set_label
     from nhb_core.study import auc_table
 
     rows = auc_table(run_dir, "subject")
@@ -27,7 +26,7 @@ def _print_auc_table(run_dir: Path) -> None:
     sets = list(dict.fromkeys(r["set"] for r in rows))
     sets.sort(key=lambda s: (0 if s == "test" else 2 if s == "val" else 1, s))
     models = list(dict.fromkeys(r["model"] for r in rows))
-    m = read_json(run_dir / "metrics.json")
+    m = RunFolder(run_dir).metrics() or {}
     table = Table(title=f"AUC [95% CI], subject level: {run_dir}")
     table.add_column("model")
     for s in sets:
