@@ -753,10 +753,9 @@ def propose_rois(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, c
 
 
 def _versions() -> dict[str, str]:
-    import segmentation_models_pytorch as smp
-    import torch
+    from nhb_core.versions import module_versions
 
-    return {"torch": torch.__version__, "segmentation_models_pytorch": smp.__version__, "numpy": np.__version__}
+    return module_versions("torch", "segmentation_models_pytorch", "numpy")
 
 
 def _save_on_t1_grid(mask: np.ndarray, canon_affine: np.ndarray, t1_path: str, path: Path) -> None:

@@ -807,13 +807,9 @@ def load_dataset(path: str | os.PathLike, mmap: bool = True) -> SliceDataset:
 
 
 def _versions() -> dict[str, str]:
-    import nibabel
-    import scipy
+    from nhb_core.versions import module_versions
 
-    from nhb_core import __version__
-
-    return {"nhb_core": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "nibabel": nibabel.__version__, "pandas": pd.__version__}
+    return module_versions("nhb_core", "numpy", "scipy", "nibabel", "pandas")
 
 
 def _outputs_present(out: Path) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -124,17 +123,10 @@ def _sha_many(paths: list[Path]) -> str | None:
 # ----------------------------------------------------------------------------- provenance
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape the numbers."""
-    import importlib.metadata as md
+    """Versions of Python and the libraries that shape the numbers (:func:`nhb_core.versions.run_versions`)."""
+    from nhb_core.versions import run_versions
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("nhb-lab", "torch", "torchvision", "timm", "numpy", "scipy", "pandas", "scikit-learn",
-                "statsmodels", "grad-cam", "plotly", "nibabel"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return run_versions()
 
 
 def _git_commit() -> str | None:

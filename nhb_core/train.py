@@ -35,7 +35,6 @@ import dataclasses
 import io
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -597,13 +596,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import timm
-    import torch
+    from nhb_core.versions import module_versions
 
-    from nhb_core import __version__
-
-    return {"nhb_core": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return module_versions("nhb_core", "torch", "timm", "numpy", "python")
 
 
 def dataset_sha256(dataset_dir: str | os.PathLike) -> str:
