@@ -56,7 +56,8 @@ def main() -> None:
         torch.set_num_threads(args.cores)
     from nhb_core.config import resolve_config
     from nhb_core.fileio import read_json
-    from nhb_core.study import auc_table, run_study, stage_seconds
+    from nhb_core.runs import auc_table
+    from nhb_core.study import run_study, stage_seconds
 
     load_before = os.getloadavg()
     tmp = None

@@ -422,3 +422,19 @@ def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and ((p / "status.json").exists() or (p / "config.yaml").exists())]
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def auc_table(run_dir: str | os.PathLike, level: str = "subject") -> list[dict[str, Any]]:
+    """Rows ``{"model", "set", "auc", "ci": [lo, hi], "n"}`` from a run's metrics.json (the demo's table)."""
+    from nhb_core.fileio import read_json
+
+    m = read_json(RunFolder(run_dir).metrics_path)
+    rows = []
+    for set_name, s in m["sets"].items():
+        blk = (s.get("level") or {}).get(level)
+        if not blk:
+            continue
+        for model, mm in (blk.get("models") or {}).items():
+            rows.append({"model": model, "set": set_name, "auc": mm.get("auc"),
+                         "ci": mm.get("auc_ci_delong") or mm.get("auc_ci_bootstrap"), "n": blk.get("n")})
+    return rows

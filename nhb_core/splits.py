@@ -536,3 +536,49 @@ def audit(dataset: Any, split: dict | str | os.PathLike) -> AuditReport:
     leaky = bool(marked or shared or len(dups))
     return AuditReport(leaky=leaky, shared_subjects=shared, duplicate_images=dups, balance=balance, unit=unit,
                        marked_leaky=marked, problems=problems)
+
+
+def cohort_summary(ds_dir: Path, split: Mapping[str, Any]) -> dict[str, Any]:
+    """Table 1 and the flow counts, from the prepared dataset and the split.
+
+    Returns ``{"table1": [rows], "flow": {...}}``; a row of table 1 is
+    ``{"center", "group" ("NHB injury"/"control" by label), "n", <covariate>: "mean ± SD" | "k (p%)"}``;
+    ``flow`` holds the number of subjects and slices in the dataset and per set.
+    """
+    import numpy as np
+    import pandas as pd
+
+    subjects = pd.read_csv(ds_dir / "subjects.csv")
+    index = pd.read_csv(ds_dir / "index.csv")
+    skip = {"subject_id", "center", "label", "t1_path", "roi_path", "row", "manifest_row", "n_slices", "t1", "roi"}
+    rows = []
+    covs = [c for c in subjects.columns if c not in skip and not c.startswith("reader_")
+            and not c.endswith("_path") and not c.endswith("sha256")]
+    groups = [("all", subjects)] + [(c, g) for c, g in subjects.groupby("center", sort=True)]
+    for center, g in groups:
+        for lab, gg in [("all", g)] + [(int(k), v) for k, v in g.groupby("label", sort=True)]:
+            row: dict[str, Any] = {"center": str(center),
+                                   "group": {"all": "all", 1: "injury (label 1)", 0: "no injury (label 0)"}.get(lab, str(lab)),
+                                   "n": int(len(gg)),
+                                   "slices": int(index["subject_id"].astype(str).isin(gg["subject_id"].astype(str)).sum())}
+            for c in covs:
+                col = gg[c]
+                if pd.api.types.is_numeric_dtype(col) and col.nunique(dropna=True) > 2:
+                    v = col.dropna().astype(float)
+                    row[c] = f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else (f"{v.mean():.1f}" if len(v) else "")
+                elif col.nunique(dropna=True) <= 6:
+                    vc = col.dropna().astype(str).value_counts()
+                    row[c] = "; ".join(f"{k}: {n} ({100 * n / max(len(gg), 1):.0f}%)" for k, n in vc.items())
+            rows.append(row)
+    flow: dict[str, Any] = {"dataset": {"subjects": int(subjects["subject_id"].nunique()), "slices": int(len(index)),
+                                        "centers": sorted(map(str, subjects["center"].unique()))},
+                            "sets": {}}
+    for set_name in split.get("sets", {}):
+        r = np.asarray(set_rows(split, index, set_name))
+        sub = index.iloc[r] if len(r) else index.iloc[[]]
+        subj = sub.drop_duplicates("subject_id")
+        flow["sets"][set_name] = {"subjects": int(subj.shape[0]), "slices": int(len(sub)),
+                                  "positives": int(subj["label"].sum()) if len(subj) else 0,
+                                  "centers": sorted(map(str, sub["center"].unique()))}
+    flow["n_shared_subjects"] = split.get("n_shared_subjects")
+    return {"table1": rows, "flow": flow}

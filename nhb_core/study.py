@@ -44,7 +44,13 @@ from nhb_core.config import dataclass_kwargs, resolve_config, save_config
 from nhb_core.errors import ConfigError, InputError, ManifestError, NHBError, RunError
 from nhb_core.fileio import atomic_write_json, read_json, sha256_file, sha256_json
 from nhb_core.progress import ProgressCallback, chain, emit
-from nhb_core.runs import RunFolder, append_log, event_logger, now_iso, read_status, write_status
+
+# auc_table (the run's AUC rows), saliency_overview (the saliency stage) and cohort_summary (table 1 and
+# the flow counts) live next to what they read; still importable from here
+from nhb_core.runs import append_log, event_logger, now_iso, read_status, write_status
+from nhb_core.runs import auc_table as auc_table
+from nhb_core.saliency.summaries import saliency_overview
+from nhb_core.splits import cohort_summary
 
 STAGES = ("validate", "prepare", "split", "train", "baseline", "evaluate", "stats", "saliency", "report")
 
@@ -632,92 +638,6 @@ def _swap_in(new: Path, dest: Path, run_dir: Path) -> None:
     safe_rmtree(old, run_dir)
 
 
-def _pick_cases(subj: Any, slices: Any, model: str, thr: float, n_cases: int) -> list[dict[str, Any]]:
-    """Cases for the Grad-CAM gallery: about half confident correct calls (both classes), half the
-    most confident errors (subject-level call vs the model's threshold); one slice per subject (the
-    slice whose probability is closest to the subject's)."""
-    d = subj.copy()
-    d["pred"] = (d[model] >= thr).astype(int)
-    d["correct"] = d["pred"] == d["label"].astype(int)
-    d["margin"] = (d[model] - thr).abs()
-    wrong = d[~d["correct"]].sort_values(["margin", "subject_id"], ascending=[False, True]).head(n_cases // 2)
-    right = d[d["correct"]].sort_values(["margin", "subject_id"], ascending=[False, True])
-    n_right = n_cases - len(wrong)
-    by_label = [right[right["label"] == k] for k in (1, 0)]
-    picks: list[dict[str, Any]] = []
-    i = 0
-    while len(picks) < n_right and any(len(b) > i for b in by_label):
-        for b in by_label:
-            if len(b) > i and len(picks) < n_right:
-                picks.append(b.iloc[i])
-        i += 1
-    out = []
-    for r in picks + [r for _, r in wrong.iterrows()]:
-        sl = slices[slices["subject_id"].astype(str) == str(r["subject_id"])]
-        if not len(sl):
-            continue
-        z = int(sl.iloc[int((sl[model] - r[model]).abs().to_numpy().argmin())]["slice_index"])
-        out.append({"subject_id": str(r["subject_id"]), "slice_index": z, "label": int(r["label"]),
-                    "prob": float(r[model]), "correct": bool(r["correct"]), "center": str(r.get("center", ""))})
-    return out
-
-
-def saliency_overview(run_dir: Path, models: list[str], out_dir: Path, n_cases: int = 4,
-                      method: str = "gradcam", set_name: str = "test", seed: int = 0,
-                      with_faithfulness: bool = True,
-                      progress: ProgressCallback | None = None) -> Path:
-    """The study's saliency stage, over :mod:`nhb_core.saliency`.
-
-    Per model: attention means over ``2 * n_cases`` cases of ``set_name``
-    (:func:`nhb_core.saliency.saliency_summary`: energy in the GP ROI, pointing game, ROAD
-    faithfulness vs random maps), and a gallery of ``n_cases`` correct and wrong subject-level
-    calls (:func:`nhb_core.saliency.cam_for_case`, cached) as PNG overlays. Writes
-    ``out_dir/summary.json``::
-
-        {"method", "set", "models": {m: {"summary": {"n", "energy_in_roi", "pointing_hit_rate",
-                                                     "faithfulness", "random_baseline", "faithfulness_gain"},
-                                         "cases": [{"subject_id", "slice_index", "label", "prob" (subject),
-                                                    "slice_prob", "correct", "set", "png", "roi_energy", "pointing"}]}}}
-
-    plus ``out_dir/cases.csv`` (the summary's per-case table) and ``out_dir/gallery/<k>/<j>.png``
-    (file names never come from user strings).
-    """
-    import pandas as pd
-
-    from nhb_core import saliency as S
-    from nhb_core.fileio import atomic_write_bytes, atomic_write_text
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = S.saliency_summary(run_dir, models=list(models), set_name=set_name, method=method,
-                               n_cases=max(2 * n_cases, 2), seed=seed, with_faithfulness=with_faithfulness,
-                               progress=progress)
-    atomic_write_text(out_dir / "cases.csv", table.to_csv(index=False))
-    means = S.saliency_means(table)
-    run = RunFolder(run_dir)
-    subj = pd.read_csv(run.predictions_path(set_name, "subject"), dtype={"subject_id": str})
-    slices = pd.read_csv(run.predictions_path(set_name, "slice"), dtype={"subject_id": str})
-    out: dict[str, Any] = {"method": method, "set": set_name, "models": {}}
-    for k, m in enumerate(models):
-        mj = read_json(run.model_json_path(m))
-        cases = _pick_cases(subj, slices, m, float(mj.get("threshold", 0.5)), n_cases)
-        for j, c in enumerate(cases):
-            emit(progress, "saliency", model=m, message=f"gallery {j + 1}/{len(cases)}")
-            r = S.cam_for_case(run_dir, m, set_name, c["subject_id"], c["slice_index"], method=method)
-            rel = f"gallery/{k:02d}/{j:02d}.png"
-            atomic_write_bytes(out_dir / rel, S.overlay_png(r["image"][0], r["cam"], r["roi"]))
-            e = r.get("energy_in_roi")
-            c.update({"set": set_name, "png": rel, "slice_prob": float(r["prob"]),
-                      "roi_energy": None if e is None or e != e else float(e),
-                      "pointing": bool(r.get("pointing_hit"))})
-        row = means[means["model"] == m]
-        summary = {col: (None if pd.isna(row.iloc[0][col]) else
-                         int(row.iloc[0][col]) if col == "n" else float(row.iloc[0][col]))
-                   for col in means.columns if col != "model"} if len(row) else {}
-        out["models"][m] = {"summary": summary, "cases": cases}
-    atomic_write_json(out_dir / "summary.json", out)
-    return out_dir / "summary.json"
-
-
 def _stats_kwargs(fn: Callable, scfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
     import inspect
 
@@ -752,56 +672,6 @@ def _tag(progress: ProgressCallback | None, stage: str, **fields: Any) -> Progre
         progress(out)
 
     return _cb
-
-
-# ----------------------------------------------------------------------------- cohort tables
-
-def cohort_summary(ds_dir: Path, split: Mapping[str, Any]) -> dict[str, Any]:
-    """Table 1 and the flow counts, from the prepared dataset and the split.
-
-    Returns ``{"table1": [rows], "flow": {...}}``; a row of table 1 is
-    ``{"center", "group" ("NHB injury"/"control" by label), "n", <covariate>: "mean ± SD" | "k (p%)"}``;
-    ``flow`` holds the number of subjects and slices in the dataset and per set.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from nhb_core.splits import set_rows
-
-    subjects = pd.read_csv(ds_dir / "subjects.csv")
-    index = pd.read_csv(ds_dir / "index.csv")
-    skip = {"subject_id", "center", "label", "t1_path", "roi_path", "row", "manifest_row", "n_slices", "t1", "roi"}
-    rows = []
-    covs = [c for c in subjects.columns if c not in skip and not c.startswith("reader_")
-            and not c.endswith("_path") and not c.endswith("sha256")]
-    groups = [("all", subjects)] + [(c, g) for c, g in subjects.groupby("center", sort=True)]
-    for center, g in groups:
-        for lab, gg in [("all", g)] + [(int(k), v) for k, v in g.groupby("label", sort=True)]:
-            row: dict[str, Any] = {"center": str(center),
-                                   "group": {"all": "all", 1: "injury (label 1)", 0: "no injury (label 0)"}.get(lab, str(lab)),
-                                   "n": int(len(gg)),
-                                   "slices": int(index["subject_id"].astype(str).isin(gg["subject_id"].astype(str)).sum())}
-            for c in covs:
-                col = gg[c]
-                if pd.api.types.is_numeric_dtype(col) and col.nunique(dropna=True) > 2:
-                    v = col.dropna().astype(float)
-                    row[c] = f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else (f"{v.mean():.1f}" if len(v) else "")
-                elif col.nunique(dropna=True) <= 6:
-                    vc = col.dropna().astype(str).value_counts()
-                    row[c] = "; ".join(f"{k}: {n} ({100 * n / max(len(gg), 1):.0f}%)" for k, n in vc.items())
-            rows.append(row)
-    flow: dict[str, Any] = {"dataset": {"subjects": int(subjects["subject_id"].nunique()), "slices": int(len(index)),
-                                        "centers": sorted(map(str, subjects["center"].unique()))},
-                            "sets": {}}
-    for set_name in split.get("sets", {}):
-        r = np.asarray(set_rows(split, index, set_name))
-        sub = index.iloc[r] if len(r) else index.iloc[[]]
-        subj = sub.drop_duplicates("subject_id")
-        flow["sets"][set_name] = {"subjects": int(subj.shape[0]), "slices": int(len(sub)),
-                                  "positives": int(subj["label"].sum()) if len(subj) else 0,
-                                  "centers": sorted(map(str, sub["center"].unique()))}
-    flow["n_shared_subjects"] = split.get("n_shared_subjects")
-    return {"table1": rows, "flow": flow}
 
 
 def write_tables(metrics: Mapping[str, Any], tables: Path) -> list[Path]:
@@ -1106,17 +976,3 @@ def stage_seconds(run_dir: str | os.PathLike, cpu: bool = False) -> dict[str, fl
     if cpu:
         return {k: float(v.get("cpu_seconds") or 0.0) for k, v in c.data.items()}
     return c.seconds()
-
-
-def auc_table(run_dir: str | os.PathLike, level: str = "subject") -> list[dict[str, Any]]:
-    """Rows ``{"model", "set", "auc", "ci": [lo, hi], "n"}`` from a run's metrics.json (the demo's table)."""
-    m = read_json(Path(run_dir) / "metrics.json")
-    rows = []
-    for set_name, s in m["sets"].items():
-        blk = (s.get("level") or {}).get(level)
-        if not blk:
-            continue
-        for model, mm in (blk.get("models") or {}).items():
-            rows.append({"model": model, "set": set_name, "auc": mm.get("auc"),
-                         "ci": mm.get("auc_ci_delong") or mm.get("auc_ci_bootstrap"), "n": blk.get("n")})
-    return rows

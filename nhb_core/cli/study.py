@@ -17,8 +17,7 @@ def _print_auc_table(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from nhb_core.runs import RunFolder, set_label
-    from nhb_core.study import auc_table
+    from nhb_core.runs import RunFolder, auc_table, set_label
 
     rows = auc_table(run_dir, "subject")
     if not rows:
