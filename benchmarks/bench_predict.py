@@ -36,6 +36,7 @@ def main() -> None:
     from nhb_core import predict as P
     from nhb_core.fileio import atomic_write_json
     from nhb_core.models import create_model, save_weights
+    from nhb_core.runs import RunFolder
     from nhb_core.slices import PrepareConfig
     from nhb_core.synth import synthesize
 
@@ -49,7 +50,7 @@ def main() -> None:
         cfg = PrepareConfig(size=args.size)
         for k, name in enumerate(models):
             torch.manual_seed(k)
-            mdir = run / "models" / name
+            mdir = RunFolder(run).model_dir(name)
             save_weights(create_model(name, in_chans=1), mdir / "model.safetensors")
             atomic_write_json(mdir / "model.json", {"architecture": name, "timm_name": name, "in_chans": 1,
                                                     "input_size": [args.size, args.size],

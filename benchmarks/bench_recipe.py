@@ -46,16 +46,18 @@ def cam_scores(run_dir: Path, cohort: str, models: list[str], max_cases: int) ->
 
     from nhb_core import saliency as S
     from nhb_core.models import load_trained
+    from nhb_core.runs import RunFolder
     from nhb_core.slices import load_dataset
 
-    ds = load_dataset(run_dir / "cohorts" / cohort / "dataset")
-    subj = pd.read_csv(run_dir / "predictions" / f"external_{cohort}__subjects.csv", dtype={"subject_id": str})
+    rf = RunFolder(run_dir)
+    ds = load_dataset(rf.cohorts_dir / cohort / "dataset")
+    subj = pd.read_csv(rf.predictions_path(f"external:{cohort}"), dtype={"subject_id": str})
     idx = ds.index.copy()
     idx["row"] = np.arange(len(idx))
     best = idx.sort_values(["roi_voxels", "slice_index"], ascending=[False, True]).groupby("subject_id").head(1)
     out: dict = {}
     for m in models:
-        model, mj = load_trained(run_dir / "models" / m)
+        model, mj = load_trained(rf.model_dir(m))
         thr = float(mj.get("threshold") if mj.get("threshold") is not None else 0.5)
         out[m] = {}
         for c in sorted(subj["center"].astype(str).unique()):

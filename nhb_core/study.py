@@ -47,7 +47,7 @@ from nhb_core.progress import ProgressCallback, chain, emit
 
 # auc_table (the run's AUC rows), saliency_overview (the saliency stage) and cohort_summary (table 1 and
 # the flow counts) live next to what they read; still importable from here
-from nhb_core.runs import append_log, event_logger, now_iso, read_status, write_status
+from nhb_core.runs import RunFolder, append_log, event_logger, now_iso, read_status, write_status
 from nhb_core.runs import auc_table as auc_table
 from nhb_core.saliency.summaries import saliency_overview
 from nhb_core.splits import cohort_summary
@@ -222,6 +222,7 @@ class _Study:
     def __init__(self, manifest: Path, run_dir: Path, cfg: dict[str, Any], progress: ProgressCallback | None):
         self.manifest = manifest
         self.run_dir = run_dir
+        self.folder = RunFolder(run_dir)  # the layout it writes
         self.cfg = cfg
         self.cache = StageCache(run_dir)
         self.events = event_logger(run_dir)
@@ -307,7 +308,7 @@ class _Study:
 
         pcfg = dict(cfg["prepare"])
         workers = pcfg.pop("workers", None)
-        pkw = dataclass_kwargs(PrepareConfig, pcfg, "prepare", source=str(rd / "config.yaml"))
+        pkw = dataclass_kwargs(PrepareConfig, pcfg, "prepare", source=str(self.folder.config_path))
         prep_fp = sha256_json([man_sha, files_sig, pkw])
         if cfg.get("cache_dir"):
             ds_dir = Path(cfg["cache_dir"]).expanduser().resolve() / f"dataset-{prep_fp[:16]}"
@@ -328,7 +329,7 @@ class _Study:
         from nhb_core.splits import make_split, save_split
 
         scfg = dict(cfg["split"])
-        split_path = rd / "split.json"
+        split_path = self.folder.split_path
 
         def do_split() -> None:
             ds = load_dataset(ds_dir)
@@ -348,11 +349,11 @@ class _Study:
             tcfg["device"] = cfg["device"]
         if cfg.get("device") == "auto":
             tcfg.setdefault("device", None)
-        tkw = dataclass_kwargs(TrainConfig, tcfg, "train", source=str(rd / "config.yaml"),
+        tkw = dataclass_kwargs(TrainConfig, tcfg, "train", source=str(self.folder.config_path),
                                drop=() if "device" in {f for f in TrainConfig.__dataclass_fields__} else ("device",))
         model_shas: dict[str, str] = {}
         for name in cfg["models"]:
-            mdir = rd / "models" / name
+            mdir = self.folder.model_dir(name)
             key = f"train:{name}"
             fp = sha256_json([ds_sha, split_sha, name, tkw, int(cfg.get("n_gpus") or 1) > 1])
 
@@ -368,7 +369,7 @@ class _Study:
                 from nhb_core.safety import inside, safe_rmtree
 
                 inside(rd, mdir, "model folder")
-                new = inside(rd, rd / "models" / f".{name}.new", "model folder")
+                new = inside(rd, self.folder.models_dir / f".{name}.new", "model folder")
                 rec = self.cache.get(key)
                 resume = bool(rec.get("resumable")) and new.exists()
                 if not resume and new.exists():
@@ -387,7 +388,7 @@ class _Study:
         # baselines (si_ratio): fitted on the train set, threshold on val ----------
         from nhb_core.baselines import BASELINES
 
-        base_dir = rd / "baselines"
+        base_dir = self.folder.baselines_dir
         base_shas: dict[str, str] = {}
         for bname in cfg.get("baselines") or []:
             bpath = base_dir / f"{bname}.json"
@@ -411,7 +412,7 @@ class _Study:
         from nhb_core.evaluate import evaluate_model
 
         ecfg = dict(cfg["evaluate"])
-        pred_dir = rd / "predictions"
+        pred_dir = self.folder.predictions_dir
 
         def own_prediction_files() -> list[Path]:
             # the run's own sets only: sets of new cohorts (nhb_core.cohorts) live beside them and survive reruns
@@ -434,7 +435,7 @@ class _Study:
             safe_rmtree(new, rd)
             for name in cfg["models"]:
                 self.status("evaluate", name)
-                evaluate_model(rd / "models" / name, ds_dir, split_path, new,
+                evaluate_model(self.folder.model_dir(name), ds_dir, split_path, new,
                                aggregate=ecfg.get("aggregate", "mean"), batch_size=int(ecfg.get("batch_size", 128)),
                                device=str(cfg.get("device") or "auto"), model_name=name,
                                progress=_tag(self.progress, "evaluate", model=name))
@@ -457,7 +458,7 @@ class _Study:
         readings = Path(self.manifest).parent / "readings.csv"  # a reader study next to the manifest: MRMC
         if readings.is_file():  # in the stats fingerprint only: new readings redo the stats stage
             stcfg["readings_sha256"] = _sha_or_none(readings)
-        metrics_path = rd / "metrics.json"
+        metrics_path = self.folder.metrics_path
 
         def do_stats() -> None:
             self._write_metrics(metrics_path, ds_dir, split_path, pred_dir,
@@ -470,7 +471,7 @@ class _Study:
 
         # saliency ---------------------------------------------------------------
         sal_cfg = dict(cfg["saliency"])
-        sal_dir = rd / "saliency"
+        sal_dir = self.folder.saliency_dir
         if sal_cfg.get("enabled", True):
             def do_saliency() -> None:
                 self._saliency(sal_dir, ds_dir, split_path, sal_cfg)
@@ -497,7 +498,7 @@ class _Study:
     def _train_torchrun(self, name: str, mdir: Path, split_path: Path, tcfg: dict[str, Any], resume: bool) -> None:
         """Train one model under ``torchrun`` with ``n_gpus`` processes (progress via its events.jsonl)."""
         n = int(self.cfg["n_gpus"])
-        cfg_file = self.run_dir / "models" / f".{name}.train.yaml"
+        cfg_file = self.folder.models_dir / f".{name}.train.yaml"
         from nhb_core.config import to_yaml
         from nhb_core.fileio import atomic_write_text
 
@@ -508,7 +509,7 @@ class _Study:
         if resume:
             cmd.append("--resume")
         self.log("torchrun: " + " ".join(cmd))
-        log_path = self.run_dir / "models" / f".{name}.torchrun.log"
+        log_path = self.folder.models_dir / f".{name}.torchrun.log"
         ev_path = mdir / "events.jsonl"
         offset = ev_path.stat().st_size if ev_path.exists() else 0
         with open(log_path, "ab") as log:
@@ -565,14 +566,14 @@ class _Study:
         thresholds: dict[str, float] = {}
         model_info: dict[str, Any] = {}
         for name in self.cfg["models"]:
-            mj = read_json(rd / "models" / name / "model.json")
+            mj = read_json(self.folder.model_json_path(name))
             thresholds[name] = float(mj["threshold"])
             model_info[name] = {k: mj.get(k) for k in ("architecture", "timm_name", "in_chans", "input_size",
                                                        "threshold", "threshold_level", "best_epoch", "val_auc",
                                                        "seed") if k in mj}
         baselines: dict[str, Any] = {}
         for bname in self.cfg.get("baselines") or []:
-            bj = read_json(rd / "baselines" / f"{bname}.json")
+            bj = read_json(self.folder.baselines_dir / f"{bname}.json")
             if bj.get("threshold") is not None:
                 thresholds[bname] = float(bj["threshold"])
             baselines[bname] = {k: bj.get(k) for k in ("kind", "features", "model", "threshold", "val_auc")}
@@ -728,7 +729,7 @@ def evaluate_baselines(run_dir: Path, ds_dir: Path, split: Any, pred_dir: Path, 
     from nhb_core.slices import load_dataset
     from nhb_core.splits import load_split
 
-    bdir = Path(run_dir) / "baselines"
+    bdir = RunFolder(run_dir).baselines_dir
     files = sorted(bdir.glob("*.json")) if bdir.is_dir() else []
     done: list[Any] = []
     if not files:
@@ -890,11 +891,11 @@ def run_seed_repeats(manifest: Path, run_dir: Path, cfg: Mapping[str, Any],
     for s in seeds[1:]:
         sub_cfg = copy.deepcopy(dict(cfg))
         sub_cfg.update(seed=int(s), seeds=None, name=f"{cfg.get('name') or run_dir.name} (seed {s})",
-                       cache_dir=cfg.get("cache_dir") or str(run_dir / "seeds" / "cache"))
+                       cache_dir=cfg.get("cache_dir") or str(RunFolder(run_dir).seeds_dir / "cache"))
         sub_cfg["split"]["seed"] = sub_cfg["train"]["seed"] = None
         sub_cfg["saliency"]["enabled"] = False
         sub_cfg["report"]["enabled"] = False
-        sub = run_dir / "seeds" / f"seed_{int(s)}"
+        sub = RunFolder(run_dir).seeds_dir / f"seed_{int(s)}"
         emit(progress, "seeds", message=f"repeat with seed {s} ({seeds.index(s) + 1} of {len(seeds)})",
              done=seeds.index(s), total=len(seeds))
         run_study(manifest, sub, sub_cfg, progress=progress)
@@ -922,7 +923,7 @@ def seed_summary(runs: Mapping[int, Path]) -> dict[str, Any]:
     per: dict[str, dict[str, list[float]]] = {}
     per_c: dict[str, dict[str, dict[str, list[float]]]] = {}
     for _, rd in runs.items():
-        sets = (read_json(Path(rd) / "metrics.json").get("sets") or {})
+        sets = (read_json(RunFolder(rd).metrics_path).get("sets") or {})
         for set_name, entry in sets.items():
             blk = ((entry.get("level") or {}).get("subject") or {}).get("models") or {}
             for m, mm in blk.items():
