@@ -127,6 +127,14 @@ class TrainConfig:
     weights : str or None
         Initial weights when :func:`train_model` is not given any: None / ``"random"``,
         ``"imagenet"`` (local cache, see :func:`nhb_core.models.create_model`) or a file.
+    aux_si : float
+        Weight of an auxiliary regression target (0 = none): a linear head on the pooled
+        features predicts each training slice's GP / surroundings signal-intensity ratio
+        (index.csv ``si_both``, standardised on the train rows), and its mean squared error,
+        times ``aux_si``, is added to the classification loss. The ratio is computed from the
+        image and its ROI alone (no label), so it teaches the network *what* to measure while
+        the label teaches *where the cut lies*. The head is dropped after training: the saved
+        model is the plain one-logit classifier.
     """
 
     epochs: int = 10
@@ -157,6 +165,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     weights: str | None = None
+    aux_si: float = 0.0
 
     def __post_init__(self) -> None:
         src = "train config"
@@ -173,7 +182,7 @@ class TrainConfig:
                     raise ValueError(f"{name}={v!r}")
                 setattr(self, name, int(v))
             for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "label_smoothing", "mixup",
-                         "drop_rate", "drop_path_rate"):
+                         "drop_rate", "drop_path_rate", "aux_si"):
                 setattr(self, name, float(getattr(self, name)))
             if self.steps is not None:
                 if isinstance(self.steps, bool) or float(self.steps) != int(self.steps):
@@ -219,6 +228,8 @@ class TrainConfig:
             (self.select in ("best", "last"), f"select must be best or last, got {self.select!r}", "Use select: last"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)", "Use e.g. label_smoothing: 0.1"),
             (0 <= self.mixup <= 10, "mixup must be in [0, 10] (0 = off)", "Use e.g. mixup: 0.2"),
+            (0 <= self.aux_si <= 100 and math.isfinite(self.aux_si), "aux_si must be a weight in [0, 100] (0 = off)",
+             "Use e.g. aux_si: 1.0"),
             (0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "drop_rate and drop_path_rate must be in [0, 1)",
              "Use e.g. drop_rate: 0.2"),
             (isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
@@ -256,6 +267,8 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("device", "num_workers", "keep_checkpoint", "eval_batch_size"):
             d.pop(k, None)
+        if not d.get("aux_si"):
+            d.pop("aux_si", None)  # runs from before the option keep their fingerprints
         return sha256_json(d)
 
 
@@ -308,7 +321,7 @@ class SliceTensors:
     """
 
     def __init__(self, images_np: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
-                 labels: np.ndarray, device, channels_last: bool = False):
+                 labels: np.ndarray, device, channels_last: bool = False, aux: np.ndarray | None = None):
         import torch
 
         rows = np.concatenate([train_rows, val_rows]).astype(np.int64)
@@ -318,6 +331,8 @@ class SliceTensors:
         arr[order] = np.asarray(images_np[rows[order]], dtype=np.float32)
         self.images = torch.from_numpy(arr)
         self.labels = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float32)
+        # per-row auxiliary regression target (NaN: none for that slice), see TrainConfig.aux_si
+        self.aux = None if aux is None else torch.as_tensor(np.asarray(aux)[rows], dtype=torch.float32)
         self.train_pos = np.arange(len(train_rows))
         self.val_pos = np.arange(len(train_rows), len(rows))
         self.device = device
@@ -347,6 +362,49 @@ class SliceTensors:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    def aux_batch(self, pos):
+        """The auxiliary targets ``[B]`` (float, NaN where a slice has none) for ``pos``, or None."""
+        import torch
+
+        if self.aux is None:
+            return None
+        return self.aux.index_select(0, torch.as_tensor(pos, dtype=torch.long)).to(self.device)
+
+
+def _aux_si_target(index, train_rows: np.ndarray, source) -> np.ndarray:
+    """Per-row ``si_both`` standardised on the train rows (NaN where a slice has no ratio)."""
+    if "si_both" not in index.columns:
+        raise DatasetError(source, "aux_si needs the signal-intensity ratios (index.csv si_both), which this "
+                                   "dataset lacks", "Prepare the dataset again with this version, or set aux_si: 0")
+    si = index["si_both"].to_numpy(dtype=np.float64)
+    tr = si[np.asarray(train_rows)]
+    tr = tr[np.isfinite(tr)]
+    if len(tr) < 2 or not np.std(tr) > 0:
+        raise DatasetError(source, "aux_si: the train slices have no usable signal-intensity ratios",
+                           "Check the ROIs, or set aux_si: 0")
+    return ((si - tr.mean()) / tr.std()).astype(np.float32)
+
+
+class AuxHeadNet:
+    """Factory of a training-time wrapper: a timm classifier plus a linear head on its pooled
+    features; ``forward(x)`` returns ``(logits [B, 1], aux [B])``. Only the classifier is kept."""
+
+    @staticmethod
+    def build(model):
+        import torch
+
+        class _WithAux(torch.nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+                self.aux_head = torch.nn.Linear(int(net.num_features), 1)
+
+            def forward(self, x):
+                feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+                return self.net.get_classifier()(feats), self.aux_head(feats).reshape(-1)
+
+        return _WithAux(model)
 
 
 def epoch_positions(n: int, labels: np.ndarray, epoch: int, seed: int, balance: str,
@@ -401,13 +459,16 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
                     device, amp_dtype=None, aug_gen=None, aug_config=None, intensity_channels=None,
                     on_step=None, grad_clip: float | None = None, ema=None, label_smoothing: float = 0.0,
                     mixup: float = 0.0, mix_rng: np.random.Generator | None = None,
-                    first_step: int = 0) -> tuple[float, int]:
+                    first_step: int = 0, aux_weight: float = 0.0, ema_source=None) -> tuple[float, int]:
     """One pass over ``batches`` (lists of positions into ``data``).
 
     Returns (sum of per-image losses, number of images) on this rank. ``on_step(i)``
     is called after optimiser step ``i`` (0-based). ``ema`` (a timm ``ModelEmaV3``)
     is updated after every step (global step ``first_step + i + 1``, for its warm-up); ``mixup`` > 0 blends each image and label with
-    another of the batch (weights Beta(mixup, mixup) from ``mix_rng``).
+    another of the batch (weights Beta(mixup, mixup) from ``mix_rng``). With ``aux_weight`` > 0
+    the model returns ``(logits, aux)`` (:class:`AuxHeadNet`) and ``aux_weight`` times the mean
+    squared error against ``data.aux_batch`` is added; ``ema_source`` is then the classifier
+    the average follows.
     """
     import torch
 
@@ -418,6 +479,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
     n = 0
     for i, pos in enumerate(batches):
         x, y = data.batch(pos)
+        t = data.aux_batch(pos) if aux_weight > 0 else None
         if aug_gen is not None:
             x = augment_batch(x, aug_gen, aug_config, intensity_channels=intensity_channels)
         if mixup > 0 and mix_rng is not None and len(pos) > 1:
@@ -425,11 +487,21 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
             perm = torch.as_tensor(mix_rng.permutation(len(pos)), device=x.device)
             x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
             y = lam * y + (1 - lam) * y[perm]
+            if t is not None:
+                t = lam * t + (1 - lam) * t[perm]
         if label_smoothing > 0:
             y = y * (1 - label_smoothing) + 0.5 * label_smoothing
         with autocast_ctx(device, amp_dtype):
-            logits = model(x).reshape(-1)
+            out = model(x)
+        if isinstance(out, tuple):
+            logits, aux = out[0].reshape(-1), out[1].float()
+        else:
+            logits, aux = out.reshape(-1), None
         loss = criterion(logits.float(), y)
+        if t is not None and aux is not None:
+            ok = torch.isfinite(t)
+            if bool(ok.any()):
+                loss = loss + aux_weight * torch.mean((aux[ok] - t[ok]) ** 2)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip:
@@ -440,7 +512,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(getattr(model, "module", model), step=first_step + i + 1)
+            ema.update(ema_source if ema_source is not None else getattr(model, "module", model),
+                       step=first_step + i + 1)
         loss_sum += loss.detach().double() * len(pos)
         n += len(pos)
         if on_step is not None:
@@ -762,13 +835,19 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     check_input_size(model, model_name, ds.in_chans, tuple(ds.images.shape[2:]), source=str(dataset_dir))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = model
+    aux_target = None
+    train_net = model  # what is optimised: the classifier, or the classifier plus the auxiliary head
+    if cfg.aux_si > 0:
+        aux_target = _aux_si_target(ds.index, train_rows, dataset_dir)
+        train_net = AuxHeadNet.build(model).to(device)
+    ddp_model = train_net
     if dinfo.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = DDP(train_net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    data = SliceTensors(ds.images, train_rows, val_rows, labels_all, device, channels_last=channels_last)
+    data = SliceTensors(ds.images, train_rows, val_rows, labels_all, device, channels_last=channels_last,
+                        aux=aux_target)
     ytr = labels_all[train_rows]
     n_pos, n_neg = int(ytr.sum()), int(len(ytr) - ytr.sum())
     pos_weight = torch.tensor(n_neg / n_pos if cfg.balance == "loss" else 1.0, dtype=torch.float32, device=device)
@@ -784,7 +863,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     warmup_steps = int(round(cfg.warmup_epochs * steps))
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for _, p in model.named_parameters():
+    for _, p in train_net.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -813,6 +892,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             raise RunError(ckpt_path, "the checkpoint was made with another model, config, dataset, split or "
                                       "number of processes", "Train without --resume to start over")
         model.load_state_dict(ck["model"])
+        if train_net is not model and ck.get("aux_head"):
+            train_net.aux_head.load_state_dict(ck["aux_head"])
         if ema is not None and ck.get("ema"):
             ema.module.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -858,7 +939,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
         loss_sum, n_seen = train_one_epoch(ddp_model, optimizer, scheduler, scaler, criterion, data, batches, device,
                                            amp_dtype, aug_gen, aug_cfg, intensity_channels, on_step,
                                            grad_clip=cfg.grad_clip, ema=ema, label_smoothing=cfg.label_smoothing,
-                                           mixup=cfg.mixup, mix_rng=mix_rng, first_step=epoch * steps)
+                                           mixup=cfg.mixup, mix_rng=mix_rng, first_step=epoch * steps,
+                                           aux_weight=cfg.aux_si, ema_source=model)
         if dinfo.distributed:
             red = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64,
                                device=device if device.type == "cuda" else torch.device("cpu"))
@@ -901,6 +983,8 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
             _save_checkpoint(ckpt_path, {
                 "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "model_name": model_name,
                 "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "aux_head": ({k: v.detach().cpu() for k, v in train_net.aux_head.state_dict().items()}
+                             if train_net is not model else {}),
                 "ema": ({k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else {}),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if use_scaler else {},

@@ -158,7 +158,8 @@ def test_study_has_si_ratio_everywhere(small_run):
 
 
 @pytest.mark.parametrize("bad", [{"ema": 1.5}, {"select": "median"}, {"label_smoothing": 1.0}, {"mixup": -1},
-                                 {"steps": 0}, {"drop_rate": 1.0}, {"steps": 2.5}])
+                                 {"steps": 0}, {"drop_rate": 1.0}, {"steps": 2.5}, {"aux_si": -1},
+                                 {"aux_si": float("nan")}])
 def test_train_options_validated(bad):
     from nhb_core.train import TrainConfig
 
@@ -186,6 +187,67 @@ def test_ema_last_mixup_train_is_deterministic(small_dataset, tmp_path):
     mj = json.loads((a / "model.json").read_text())
     assert mj["selected"] == "last" and mj["best_epoch"] == 2 and mj["ema"] == 0.9
     assert "prior_correction_logit" in mj
+
+
+def test_aux_si_head_learns_its_target():
+    """The auxiliary head regresses its target: the squared error falls while the classifier trains."""
+    import torch
+
+    from nhb_core.models import create_model
+    from nhb_core.train import AuxHeadNet, SliceTensors, make_batches, train_one_epoch
+
+    rng = np.random.default_rng(0)
+    n = 96
+    level = rng.normal(0.0, 1.0, n).astype(np.float32)
+    imgs = (rng.normal(0.0, 0.3, (n, 1, 32, 32)) + level[:, None, None, None]).astype(np.float32)
+    labels = (level > 0).astype(np.float32)
+    torch.manual_seed(0)
+    model = create_model("resnet18", 1)
+    net = AuxHeadNet.build(model)
+    data = SliceTensors(imgs, np.arange(n), np.arange(0), labels, torch.device("cpu"), aux=level)
+
+    def aux_mse():
+        net.eval()
+        with torch.no_grad():
+            _, aux = net(torch.from_numpy(imgs))
+        return float(torch.mean((aux - torch.from_numpy(level)) ** 2))
+
+    before = aux_mse()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    crit = torch.nn.BCEWithLogitsLoss()
+    for epoch in range(6):
+        order = np.random.default_rng(epoch).permutation(n)
+        train_one_epoch(net, opt, None, scaler, crit, data, make_batches(order, 16), torch.device("cpu"),
+                        aux_weight=2.0, ema_source=model)
+    after = aux_mse()
+    assert after < 0.5 * before and after < 0.5
+    out = model(torch.from_numpy(imgs[:4]))  # the classifier alone stays a one-logit network
+    assert tuple(out.shape) == (4, 1)
+
+
+def test_aux_si_train_saves_plain_classifier(small_dataset, tmp_path):
+    from nhb_core.models import load_trained
+    from nhb_core.train import train_model
+
+    split = _tiny_split(small_dataset)
+    cfg = {"epochs": 1, "batch_size": 8, "aux_si": 2.0, "select": "last", "device": "cpu", "augment": True}
+    out = train_model(small_dataset, split, "resnet18", tmp_path / "aux", cfg)
+    model, mj = load_trained(out)  # strict load: no auxiliary head in the saved weights
+    assert mj["train_config"]["aux_si"] == 2.0
+
+
+def test_aux_si_without_ratios_is_one_line_error(small_dataset, tmp_path):
+    from nhb_core.train import train_model
+
+    ds = tmp_path / "ds"
+    shutil.copytree(small_dataset, ds)
+    idx = pd.read_csv(ds / "index.csv")
+    idx.drop(columns=["si_left", "si_right", "si_both"]).to_csv(ds / "index.csv", index=False)
+    with pytest.raises(DatasetError) as ei:
+        train_model(ds, _tiny_split(small_dataset), "resnet18", tmp_path / "m",
+                    {"epochs": 1, "batch_size": 8, "aux_si": 1.0, "device": "cpu"})
+    assert "si_both" in ei.value.line() and "\n" not in ei.value.line()
 
 
 def test_steps_budget_sets_epochs(small_dataset, tmp_path):
