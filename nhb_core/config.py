@@ -49,14 +49,18 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": None,       # None: the prepared dataset lives in RUNDIR/dataset; else shared, keyed by its fingerprint
     "validate": {"nbna_threshold": 37, "check_images": True},
     # the GP sign is brightness relative to the surroundings: normalise against the tissue around the
-    # ROI and keep the GP's 5 mm neighbourhood (docs/training.md: the ablation behind every default)
-    "prepare": {"size": 64, "norm": "reference", "ref_ring_mm": 6.0, "roi_window_mm": 5.0, "workers": None},
+    # ROI, keep the GP's 5 mm neighbourhood and give the network the ROI as a second channel
+    # (docs/training.md: the ablation behind every default)
+    "prepare": {"size": 64, "norm": "reference", "ref_ring_mm": 6.0, "roi_window_mm": 5.0, "roi_channel": True,
+                "workers": None},
     "split": {"unit": "subject", "dev_centers": None, "test_size": 0.2, "val_size": 0.15, "seed": None},
     # geometric augmentation and noise only (an intensity scale/shift/bias field of a ratio image is as
     # large as the injury), 25 epochs, an EMA of the weights and the last epoch's weights (a 35-subject
     # validation set cannot pick an epoch): see docs/training.md
+    # aux_si: an auxiliary head regresses each slice's GP/ring ratio (a label-free target) so that the
+    # network learns to measure the GP from 157 neonates (docs/training.md)
     "train": {"epochs": 25, "batch_size": 32, "augment": True, "seed": None, "ema": 0.99, "select": "last",
-              "aggregate": "max",
+              "aggregate": "max", "aux_si": 4.0,
               "augment_params": {"intensity_scale": 0.0, "intensity_shift": 0.0, "bias_field": 0.0,
                                  "noise_std": 0.04}},
     # a subject's probability is that of its slice through the GP's core (the highest): partial-volume
