@@ -29,7 +29,6 @@ def slice_ratio(img, mask, px_mm: float, ring_mm: float) -> float:
     ``img`` float [X, Y], ``mask`` bool [X, Y]; the ring is the pixels more than one pixel and at
     most ``ring_mm`` mm outside the mask (as ``nhb_core.slices.reference_ring``).
     """
-    import numpy as np
     from scipy import ndimage
 
     if mask.sum() < 4:
