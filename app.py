@@ -1,7 +1,7 @@
 """NHB Lab dashboard: ``streamlit run app.py``.
 
 The entry point only declares the navigation: the pages are listed once, in
-:data:`nhb_dashboard.nav.PAGES` (Home is ``pages/0_Home.py``). Runs folder:
+:data:`nhb_dashboard.nav.PAGES` (Home is ``dashboard_pages/0_Home.py``). Runs folder:
 ``$NHB_RUNS_DIR`` (default ``./runs``). Everything is a thin layer over ``nhb_core``;
 see docs/dashboard.md.
 """

@@ -62,7 +62,7 @@ def main() -> None:
     sdir = R.create_session(runs, run, ["Bench Reader"], set_name=a.set, n_cases=a.cases, seed=0)
     sess = R.load_session(sdir)
     order = sess["readers"][0]["order"]["unaided"]
-    at = AppTest.from_file(str(REPO / "pages" / "6_Reading.py"), default_timeout=300)
+    at = AppTest.from_file(str(REPO / "dashboard_pages" / "6_Reading.py"), default_timeout=300)
     at.query_params["token"] = sess["readers"][0]["token"]
     t = time.perf_counter()
     at.run()

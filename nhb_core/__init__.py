@@ -2,7 +2,7 @@
 evaluation, statistics, saliency and reports for T1WI deep learning on neonatal
 hyperbilirubinemia brain injury.
 
-The package never imports Streamlit: the dashboard (``app.py`` + ``pages/``) is a
+The package never imports Streamlit: the dashboard (``app.py`` + ``dashboard_pages/``) is a
 thin layer over the functions here, as are the CLI (``python -m nhb_core``) and
 the notebooks.
 """

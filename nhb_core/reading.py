@@ -10,7 +10,7 @@ no user string is ever part of a path)::
     readings.csv                 the long format ``reader, modality, case_id, truth, rating`` that
                                  ``nhb_core.stats.mrmc`` and ``python -m nhb_core mrmc`` read
 
-The browser side (``pages/6_Reading.py``) only ever sees what :func:`reader_state` returns (codes,
+The browser side (``dashboard_pages/6_Reading.py``) only ever sees what :func:`reader_state` returns (codes,
 the reader's own answers, progress) and PNG bytes from :func:`render_slice_png` /
 :func:`render_cam_png`; never subject ids, centers, labels or other readers' answers.
 See docs/reading.md.

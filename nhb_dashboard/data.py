@@ -1,6 +1,6 @@
 """Plain-Python data access for the dashboard pages (no Streamlit here).
 
-The pages in ``pages/`` stay thin: they call these functions to turn a run folder
+The pages in ``dashboard_pages/`` stay thin: they call these functions to turn a run folder
 (see ``docs/design-shared.md``) into tables, and cache the results with
 ``st.cache_data`` keyed on :func:`file_key` (path + mtime + size), so an edited file
 is re-read and an unchanged one never is. (Formerly ``nhb_core.dashboard_data``.)
@@ -301,6 +301,24 @@ def study_config(models: list[str], epochs: int, batch_size: int, input_size: in
 
 
 # ----------------------------------------------------------------- results helpers
+def run_saliency_method(run_dir: str | os.PathLike) -> str:
+    """The saliency method of a run's config (``saliency.method``, canonical name), ``"gradcam"`` when the
+    run names none or an unknown one: what the Saliency page preselects.
+
+    >>> run_saliency_method("/nonexistent")
+    'gradcam'
+    """
+    from nhb_core.errors import NHBError
+    from nhb_core.saliency import normalize_method
+
+    sal = RunFolder(run_dir).config().get("saliency")
+    name = sal.get("method") if isinstance(sal, dict) else None
+    try:
+        return normalize_method(str(name)) if name else "gradcam"
+    except NHBError:
+        return "gradcam"
+
+
 def outcome_table(df: pd.DataFrame, model: str, threshold: float) -> pd.DataFrame:
     """Per-case outcome at ``threshold``: adds ``prob``, ``pred``, ``outcome``
     (TP/FP/FN/TN) and ``confidence`` = |prob - threshold|."""

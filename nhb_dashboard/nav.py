@@ -2,7 +2,7 @@
 
 ``app.py`` builds ``st.navigation`` from :data:`PAGES`; the Home page's "Pages" list, the
 tests (``tests/test_app.py``, ``tests/test_browser.py``) and ``benchmarks/bench_pages.py``
-read the same tuple. To add a page: write ``pages/<n>_<Name>.py`` and add one
+read the same tuple. To add a page: write ``dashboard_pages/<n>_<Name>.py`` and add one
 :class:`PageSpec` here (docs/extending.md, "A dashboard page").
 """
 
@@ -34,30 +34,30 @@ class PageSpec:
 
 
 PAGES: tuple[PageSpec, ...] = (
-    PageSpec("pages/0_Home.py", "Home", ":material/home:", default=True,
+    PageSpec("dashboard_pages/0_Home.py", "Home", ":material/home:", default=True,
              help="Runs table (status, models, sets, leakage flag), subject-level AUC per run, set and model, "
                   "and the cohort summary of the default study."),
-    PageSpec("pages/1_Cohort.py", "Cohort", ":material/groups:", url_path="Cohort",
+    PageSpec("dashboard_pages/1_Cohort.py", "Cohort", ":material/groups:", url_path="Cohort",
              help="Validate a manifest (problems by row), center x label counts, slice browser with the GP ROI "
                   "contour and the crops the models see, and a montage of controls vs injured per center."),
-    PageSpec("pages/2_Launch.py", "Launch", ":material/rocket_launch:", url_path="Launch",
+    PageSpec("dashboard_pages/2_Launch.py", "Launch", ":material/rocket_launch:", url_path="Launch",
              help="Start a study in the background (it survives reloads and restarts), follow live progress per "
                   "stage and model with ETA and the last log lines, cancel it."),
-    PageSpec("pages/3_Results.py", "Results", ":material/monitoring:", url_path="Results",
+    PageSpec("dashboard_pages/3_Results.py", "Results", ":material/monitoring:", url_path="Results",
              help="One run or two side by side: ROC per site with DeLong bands and reader operating points, AUC "
                   "table, DeLong p-values, reader comparisons (McNemar), confusion matrices, calibration, "
                   "decision curves, training curves and downloads."),
-    PageSpec("pages/4_Saliency.py", "Saliency", ":material/visibility:", url_path="Saliency",
+    PageSpec("dashboard_pages/4_Saliency.py", "Saliency", ":material/visibility:", url_path="Saliency",
              help="Grad-CAM (GradCAM, GradCAM++, EigenCAM, LayerCAM) over the GP crop and on the full slice, the "
                   "models side by side, CAM energy inside the ROI and faithfulness vs a random map."),
-    PageSpec("pages/5_Predict.py", "Predict", ":material/upload_file:", url_path="Predict",
+    PageSpec("dashboard_pages/5_Predict.py", "Predict", ":material/upload_file:", url_path="Predict",
              help="Upload a T1 (NIfTI or zipped DICOM series) and its ROI mask: probability per model and for the "
                   "ensemble, the decision at the run's threshold, Grad-CAM overlays."),
-    PageSpec("pages/6_ROIs.py", "ROIs", ":material/draw:", url_path="ROIs",
+    PageSpec("dashboard_pages/6_ROIs.py", "ROIs", ":material/draw:", url_path="ROIs",
              help="GP ROI proposals of `roi propose`: every subject's mask on its GP slice, sortable by confidence "
                   "and QC flags; correct one with a brush (paint left/right, erase, undo) and save it as a new file "
                   "marked corrected."),
-    PageSpec("pages/6_Reading.py", "Reading", ":material/rate_review:", url_path="Reading",
+    PageSpec("dashboard_pages/6_Reading.py", "Reading", ":material/rate_review:", url_path="Reading",
              help="Reader studies: create a reading session on a finished run, send each reader a private link "
                   "(blinded 1-5 ratings of cases under random codes, unaided and optionally aided), follow "
                   "progress, close it to write the readings for the MRMC analysis."),

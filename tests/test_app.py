@@ -92,14 +92,14 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
     assert all(0.0 <= float(v) <= 1.0 for c in models for v in aucs[c] if pd.notna(v))
 
     # Cohort: the run's manifest, validation, slice browser and montage
-    at.switch_page("pages/1_Cohort.py").run()
+    at.switch_page("dashboard_pages/1_Cohort.py").run()
     labels = at.selectbox(key="cohort_manifest").options
     at.selectbox(key="cohort_manifest").select(next(x for x in labels if run_copy.name in x)).run()
     _assert_clean(at, "cohort")
     assert len(at.get("image")) >= 2  # the T1 slice with the ROI outline and at least one crop
 
     # Results: a ROC panel per evaluated set, tables
-    at.switch_page("pages/3_Results.py").run()
+    at.switch_page("dashboard_pages/3_Results.py").run()
     _assert_clean(at, "results")
     charts = at.get("plotly_chart")
     metrics = __import__("json").loads((run_copy / "metrics.json").read_text())
@@ -109,13 +109,15 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
     _assert_clean(at, "results slice level")
 
     # Saliency: the selected case and the three models side by side
-    at.switch_page("pages/4_Saliency.py").run()
+    at.switch_page("dashboard_pages/4_Saliency.py").run()
     _assert_clean(at, "saliency")
+    # the run's configured method is preselected (the default study's LayerCAM, not the list's first)
+    assert at.selectbox(key="sal_method").value == metrics["run"]["config"]["saliency"]["method"] == "layercam"
     assert len(at.get("image")) >= 3 + len(metrics["run"]["config"]["models"])
     assert any("energy" in m.label.lower() for m in at.metric)
 
     # Predict: upload one subject of the cohort (T1 + ROI)
-    at.switch_page("pages/5_Predict.py").run()
+    at.switch_page("dashboard_pages/5_Predict.py").run()
     _assert_clean(at, "predict")
     man = pd.read_csv(small_cohort, dtype=str)
     t1 = small_cohort.parent / man.iloc[0]["t1"]
@@ -132,7 +134,7 @@ def test_every_page_renders_a_finished_run(run_copy, small_cohort):
 
 def test_predict_bad_upload_gives_one_line_error(run_copy):
     at = _app(timeout=120).run()
-    at.switch_page("pages/5_Predict.py").run()
+    at.switch_page("dashboard_pages/5_Predict.py").run()
     at.file_uploader(key="pred_t1").upload("scan.nii.gz", b"this is not an image")
     at.file_uploader(key="pred_roi").upload("roi.nii", b"nor this")
     [b for b in at.button if b.label == "Predict"][0].click().run()
@@ -152,7 +154,7 @@ def test_user_strings_are_text_not_html(small_cohort, env, tmp_path):
     evil_manifest = tmp_path / "evil.csv"
     man.to_csv(evil_manifest, index=False)
     at = _app(timeout=120).run()
-    at.switch_page("pages/1_Cohort.py").run()
+    at.switch_page("dashboard_pages/1_Cohort.py").run()
     sb = at.selectbox(key="cohort_manifest")
     sb.select(sb.options[-1]).run()
     at.text_input(key="cohort_manifest_path").input(str(evil_manifest)).run()
@@ -166,7 +168,7 @@ def test_user_strings_are_text_not_html(small_cohort, env, tmp_path):
 
 def test_launch_form_runs_tiny_study_to_completion(env, small_cohort):
     at = _app(timeout=60).run()
-    at.switch_page("pages/2_Launch.py").run()
+    at.switch_page("dashboard_pages/2_Launch.py").run()
     sb = at.selectbox(key="launch_manifest")
     sb.select(sb.options[-1]).run()
     at.text_input(key="launch_manifest_path").input(str(small_cohort)).run()
@@ -205,7 +207,7 @@ def test_cancel_button_stops_a_running_study(env, small_cohort, tiny_study_confi
     pid = read_status(run_dir)["pid"]
     assert jobs.is_alive(pid)
     at = _app(timeout=60).run()
-    at.switch_page("pages/2_Launch.py").run()
+    at.switch_page("dashboard_pages/2_Launch.py").run()
     _assert_clean(at, "launch with running job")
     at.button(key=f"cancel_{run_dir.name}").click().run()
     assert not at.exception
@@ -343,7 +345,7 @@ def test_results_figures_fit_their_sections(run_copy, monkeypatch):
     first render builds the figures under a progress bar; a warm rerun shows none."""
     bars = _record_bars(monkeypatch)
     at = _app(timeout=300).run()
-    at.switch_page("pages/3_Results.py").run()
+    at.switch_page("dashboard_pages/3_Results.py").run()
     _assert_clean(at, "results")
     built = [b for b in bars if b.label.startswith("Building the figures")]
     assert len(built) == 1 and built[0].done == built[0].total
@@ -392,7 +394,7 @@ def test_saliency_says_why_a_value_is_missing(run_copy, monkeypatch):
 
     monkeypatch.setattr(saliency, "cam_for_case", zero_cam)
     at = _app(timeout=300).run()
-    at.switch_page("pages/4_Saliency.py").run()
+    at.switch_page("dashboard_pages/4_Saliency.py").run()
     _assert_clean(at, "saliency")
     text = _page_text(at)
     for t in text:
@@ -411,7 +413,7 @@ def test_saliency_cold_cache_shows_progress(run_copy, monkeypatch):
     shutil.rmtree(run_copy / "saliency" / "cache", ignore_errors=True)
     bars = _record_bars(monkeypatch)
     at = _app(timeout=300).run()
-    at.switch_page("pages/4_Saliency.py").run()
+    at.switch_page("dashboard_pages/4_Saliency.py").run()
     _assert_clean(at, "saliency cold")
     m = __import__("json").loads((run_copy / "metrics.json").read_text())
     sal = [b for b in bars if b.label.startswith("Computing the saliency maps")]
@@ -429,7 +431,7 @@ def test_results_shows_seed_spread_and_baseline(run_copy):
 
     atomic_write_json(run_copy / "seeds.json", seed_summary({0: run_copy, 1: run_copy}))
     at = _app(timeout=300).run()
-    at.switch_page("pages/3_Results.py").run()
+    at.switch_page("dashboard_pages/3_Results.py").run()
     _assert_clean(at, "results with seeds")
     headings = [m.value for m in at.markdown if m.value.startswith("#")]
     assert any("Repeated seeds" in h for h in headings)

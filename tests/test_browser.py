@@ -65,6 +65,17 @@ def _check_clean(page, name: str) -> None:
     return errs
 
 
+def test_deep_link_shows_the_declared_navigation(browser, server):
+    """A page opened by its URL (a bookmark, a link in a report) has the declared sidebar: Home first
+    and no entry script called "app" (a folder named pages/ used to be auto-discovered beside it)."""
+    url, _ = server
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    _open(page, f"{url}/{URLS['Cohort']}")
+    page.wait_for_timeout(2000)
+    side = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert "app" not in side.split() and side.split()[:2] == ["home", "Home"], side
+
+
 def test_every_page_in_chromium(browser, server, small_run):
     url, runs = server
     ctx = browser.new_context(viewport={"width": 1400, "height": 1800})

@@ -734,7 +734,7 @@ def test_results_page_shows_the_reader_study(small_run, tmp_path, monkeypatch):
     m = read_json(small_run / "metrics.json")
     s = next(s for s in dd.sort_sets(m["sets"]) if (m["sets"][s].get("mrmc") or {}).get("comparisons"))
     at = AppTest.from_file(str(repo / "app.py"), default_timeout=300).run()
-    at.switch_page("pages/3_Results.py").run()
+    at.switch_page("dashboard_pages/3_Results.py").run()
     at.selectbox(key="a_set").select(s).run()
     assert not at.exception and not at.error, [e.value for e in at.exception]
     assert any("Reader study: networks vs readers" in x.value for x in at.markdown)

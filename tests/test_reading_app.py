@@ -18,7 +18,7 @@ from nhb_core import reading as R  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-PAGE = str(REPO / "pages" / "6_Reading.py")
+PAGE = str(REPO / "dashboard_pages" / "6_Reading.py")
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_page_grid_sorted_and_save(roi_dir, monkeypatch):
     monkeypatch.setenv("NHB_ROI_DIR", str(roi_dir))
     monkeypatch.setenv("NHB_RUNS_DIR", str(roi_dir / "no_runs"))
     before = _hashes(roi_dir)
-    at = AppTest.from_file(str(REPO / "pages" / "6_ROIs.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(REPO / "dashboard_pages" / "6_ROIs.py"), default_timeout=120).run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     table = at.dataframe[0].value
@@ -157,7 +157,7 @@ def test_page_grid_sorted_and_save(roi_dir, monkeypatch):
                                   np.asarray(nib.load(str(roi_dir / "masks" / "A002_roi_proposed.nii.gz")).dataobj))
     assert {k: v for k, v in _hashes(roi_dir).items() if not k.startswith("corrected/")} == before
     # a fresh session (a reload) sees what was saved
-    at2 = AppTest.from_file(str(REPO / "pages" / "6_ROIs.py"), default_timeout=120).run()
+    at2 = AppTest.from_file(str(REPO / "dashboard_pages" / "6_ROIs.py"), default_timeout=120).run()
     t2 = at2.dataframe[0].value.set_index("subject_id")
     assert t2.loc["A002", "roi_source"] == "corrected"
     assert t2.loc["B001", "roi_source"] == "proposed"

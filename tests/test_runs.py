@@ -156,7 +156,7 @@ def test_no_predict_saliency_cycle_and_no_device_helpers_from_train():
 def test_every_reader_goes_through_the_run_folder():
     """The layout is spelled out in runs.py only: no `"models" /` or `/ "predictions"` path joins elsewhere
     among the readers (the study runner, which writes the folder, is the exception)."""
-    readers = [*(REPO / "pages").glob("*.py"), *(REPO / "nhb_dashboard").glob("*.py"),
+    readers = [*(REPO / "dashboard_pages").glob("*.py"), *(REPO / "nhb_dashboard").glob("*.py"),
                *(REPO / "nhb_core" / "cli").glob("*.py")]
     readers += [REPO / "nhb_core" / f for f in ("report.py", "figures.py", "predict.py", "export.py",
                                                 "reading.py", "cohorts.py", "evaluate.py")]

@@ -123,8 +123,8 @@ def resolve_target_layer(model, model_name: str | None = None, input_hw: tuple[i
 
     ``nhb_core.models.default_target_layer(model, name)`` (the last convolutional block) unless,
     at the crop size ``input_hw``, its map has fewer than :data:`MIN_CAM_CELLS` cells a side; then
-    the deepest timm ``feature_info`` stage that keeps that many (a 64 px crop: ResNet ``layer3``,
-    DenseNet ``features.denseblock3``, EfficientNet ``blocks.4``, 4 x 4 cells).
+    the deepest timm ``feature_info`` stage that keeps that many (a 64 px crop: ResNet ``layer1``,
+    DenseNet ``features.denseblock1``, EfficientNet ``blocks.1``, 16 x 16 cells).
     """
     from nhb_core.models import default_target_layer
 

@@ -8,8 +8,8 @@ Two faces on one page:
 - without a token, the study owner creates sessions on a finished run, hands out the links, follows
   each reader's progress (counts only) and closes the session (writes the readings CSVs).
 
-Self-contained: runs as a page of the dashboard (``pages/`` discovery, or ``st.Page("pages/6_Reading.py")``
-under ``st.navigation``) or alone (``streamlit run pages/6_Reading.py``, e.g. a readers-only server with
+Self-contained: runs as a page of the dashboard (``st.Page("dashboard_pages/6_Reading.py")`` under
+``st.navigation``, declared in nhb_dashboard/nav.py) or alone (``streamlit run dashboard_pages/6_Reading.py``, e.g. a readers-only server with
 ``NHB_READING_READERS_ONLY=1``). See docs/reading.md.
 """
 

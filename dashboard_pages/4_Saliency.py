@@ -65,8 +65,11 @@ with ui.guard():
     sets = RunFolder(run).prediction_sets()
     set_name = c3.selectbox("Set", sets, format_func=dd.set_label, key="sal_set",
                             index=sets.index("test") if "test" in sets else 0)
-    method = c4.selectbox("Method", list(saliency.METHODS), format_func=METHOD_LABELS.get, key="sal_method",
-                          help="Target layer: the last convolutional stage of each architecture "
+    methods = list(saliency.METHODS)
+    method = c4.selectbox("Method", methods, format_func=METHOD_LABELS.get, key="sal_method",
+                          index=methods.index(dd.run_saliency_method(run)),
+                          help="Preselected: the method of the run's config (saliency.method). Target layer: "
+                               "the deepest stage whose map keeps 16 x 16 cells over the crop "
                                "(nhb_core.saliency.resolve_target_layer).")
 
     m = ui.metrics(run) or {}
