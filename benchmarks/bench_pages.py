@@ -148,7 +148,7 @@ def _browser(runs: Path, run: Path, repeat: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--runs", default=os.environ.get("NHB_RUNS_DIR", "runs"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--browser", action="store_true", help="time the pages in headless Chromium")
