@@ -76,11 +76,7 @@ with ui.guard():
                                                                     for kk, vv in v.items()}}
                                         for k, v in flow["sets"].items()]))
         if m.get("oracle_auc"):
-            st.caption("Synthetic cohort: oracle (best achievable) AUC per center: "
-                       + ", ".join(f"{k} {v:.3f}" for k, v in m["oracle_auc"].items())
-                       + ("; image-visible signal AUC (ceiling of an image model): "
-                          + ", ".join(f"{k} {v:.3f}" for k, v in m["visible_auc"].items())
-                          if m.get("visible_auc") else ""))
+            st.caption(ui.ceilings_caption(m))
 
 st.subheader("Pages")
 st.markdown("\n".join(f"- **{page}**: {what}" for page, what in nav.pages_help()))

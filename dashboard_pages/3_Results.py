@@ -101,11 +101,7 @@ def _render_run(run_dir: Path, m, level: str, kp: str, compact: bool, prog) -> N
         ui.show_table(tab, column_config={c: st.column_config.NumberColumn(c, format="%.3f")
                                           for c in tab.columns if tab[c].dtype.kind == "f"})
     if m.get("oracle_auc"):
-        st.caption("Oracle AUC (synthetic truth) per center: "
-                   + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["oracle_auc"].items())
-                   + ("; image-visible signal AUC (the ceiling of an image model): "
-                      + ", ".join(f"{ui.md_escape(k)} {v:.3f}" for k, v in m["visible_auc"].items())
-                      if m.get("visible_auc") else ""))
+        st.caption(ui.ceilings_caption(m))
 
     if "si_ratio" in ((m.get("run") or {}).get("baselines") or {}):
         st.caption("si_ratio: the GP / surroundings signal-intensity ratio (per side and both, logistic regression "

@@ -386,25 +386,22 @@ def _aux_si_target(index, train_rows: np.ndarray, source) -> np.ndarray:
     return ((si - tr.mean()) / tr.std()).astype(np.float32)
 
 
-class AuxHeadNet:
-    """Factory of a training-time wrapper: a timm classifier plus a linear head on its pooled
-    features; ``forward(x)`` returns ``(logits [B, 1], aux [B])``. Only the classifier is kept."""
+def with_aux_head(model):
+    """A training-time wrapper of a timm classifier: a linear head on its pooled features next to the
+    classifier; ``forward(x)`` returns ``(logits [B, 1], aux [B])``. Only the classifier is kept."""
+    import torch
 
-    @staticmethod
-    def build(model):
-        import torch
+    class _WithAux(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.aux_head = torch.nn.Linear(int(net.num_features), 1)
 
-        class _WithAux(torch.nn.Module):
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
-                self.aux_head = torch.nn.Linear(int(net.num_features), 1)
+        def forward(self, x):
+            feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            return self.net.get_classifier()(feats), self.aux_head(feats).reshape(-1)
 
-            def forward(self, x):
-                feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-                return self.net.get_classifier()(feats), self.aux_head(feats).reshape(-1)
-
-        return _WithAux(model)
+    return _WithAux(model)
 
 
 def epoch_positions(n: int, labels: np.ndarray, epoch: int, seed: int, balance: str,
@@ -466,7 +463,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, criterion, data: SliceT
     is called after optimiser step ``i`` (0-based). ``ema`` (a timm ``ModelEmaV3``)
     is updated after every step (global step ``first_step + i + 1``, for its warm-up); ``mixup`` > 0 blends each image and label with
     another of the batch (weights Beta(mixup, mixup) from ``mix_rng``). With ``aux_weight`` > 0
-    the model returns ``(logits, aux)`` (:class:`AuxHeadNet`) and ``aux_weight`` times the mean
+    the model returns ``(logits, aux)`` (:func:`with_aux_head`) and ``aux_weight`` times the mean
     squared error against ``data.aux_batch`` is added; ``ema_source`` is then the classifier
     the average follows.
     """
@@ -839,7 +836,7 @@ def _fit(ds, dataset_dir, split, split_path, train_rows, val_rows, labels_all, m
     train_net = model  # what is optimised: the classifier, or the classifier plus the auxiliary head
     if cfg.aux_si > 0:
         aux_target = _aux_si_target(ds.index, train_rows, dataset_dir)
-        train_net = AuxHeadNet.build(model).to(device)
+        train_net = with_aux_head(model).to(device)
     ddp_model = train_net
     if dinfo.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP

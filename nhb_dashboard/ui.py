@@ -78,6 +78,21 @@ def error_box(text: str) -> None:
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
 
 
+def ceilings_caption(metrics: dict) -> str:
+    """One line for a synthetic run: the oracle AUC and the image-visible signal AUC per center
+    (metrics.json ``oracle_auc`` / ``visible_auc``); "" for a run without them. Keys are escaped."""
+    oracle, visible = metrics.get("oracle_auc") or {}, metrics.get("visible_auc") or {}
+    if not oracle:
+        return ""
+
+    def per_center(d: dict) -> str:
+        return ", ".join(f"{md_escape(str(k))} {v:.3f}" for k, v in d.items())
+
+    return ("Synthetic cohort: oracle AUC (latent severity, the best achievable) per center: " + per_center(oracle)
+            + ("; image-visible signal AUC (the ceiling an image model can approach): " + per_center(visible)
+               if visible else ""))
+
+
 def md_escape(s: Any) -> str:
     """A user string made inert inside Markdown (no links, no HTML, no formatting)."""
     return _MD_SPECIAL.sub(r"\\\1", str(s)).replace("\n", " ")

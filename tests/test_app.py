@@ -457,3 +457,12 @@ def test_saliency_tables_say_why_not_none():
     for t in (rows, shown):
         assert not t.isna().any().any() and "None" not in t.astype(str).to_numpy()
     assert dd.energy_text(float("nan")) == "no map (all-zero CAM)" and dd.energy_text(0.456) == "46%"
+
+
+def test_ceilings_caption_one_line_escaped():
+    from nhb_dashboard import ui
+
+    assert ui.ceilings_caption({}) == ""
+    line = ui.ceilings_caption({"oracle_auc": {"A": 0.93, "*B*": 0.9}, "visible_auc": {"A": 0.88}})
+    assert "A 0.930" in line and "\\*B\\*" in line and "image-visible signal AUC" in line and "A 0.880" in line
+    assert "image-visible" not in ui.ceilings_caption({"oracle_auc": {"A": 0.93}})

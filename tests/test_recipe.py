@@ -194,7 +194,7 @@ def test_aux_si_head_learns_its_target():
     import torch
 
     from nhb_core.models import create_model
-    from nhb_core.train import AuxHeadNet, SliceTensors, make_batches, train_one_epoch
+    from nhb_core.train import SliceTensors, make_batches, train_one_epoch, with_aux_head
 
     rng = np.random.default_rng(0)
     n = 96
@@ -203,7 +203,7 @@ def test_aux_si_head_learns_its_target():
     labels = (level > 0).astype(np.float32)
     torch.manual_seed(0)
     model = create_model("resnet18", 1)
-    net = AuxHeadNet.build(model)
+    net = with_aux_head(model)
     data = SliceTensors(imgs, np.arange(n), np.arange(0), labels, torch.device("cpu"), aux=level)
 
     def aux_mse():
