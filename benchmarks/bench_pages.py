@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,68 +83,35 @@ _SETTLED = """(t0) => window.__states.some(([t, s]) => t >= t0 && s === 'running
 def _browser(runs: Path, run: Path, repeat: int) -> dict:
     """Per page: seconds from a click on its sidebar link until it has settled in headless Chromium
     (the app loaded once, as a user moves between pages)."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
+    from nhb_dashboard.serve import chromium, dashboard_server
 
-    from playwright.sync_api import sync_playwright
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    log = open(runs / ".bench_pages_streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1"],
-                            cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     pages: dict = {}
     specs = nav.page_specs()
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as pw:
-            b = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
-                                   args=["--headless", "--no-sandbox", "--disable-gpu"])
-            page = b.new_page(viewport={"width": 1400, "height": 1000})
-            page.add_init_script(_OBSERVER)
+    with dashboard_server({}, runs / ".bench_pages_streamlit.log", timeout_s=240) as base, chromium() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        page.add_init_script(_OBSERVER)
+        t0 = page.evaluate("performance.now()")
+        page.goto(f"{base}/?run={run.name}")
+        page.wait_for_function(_SETTLED, arg=t0, timeout=600_000, polling=50)
+        load_s = (page.evaluate("performance.now()") - t0) / 1000
+
+        def visit(spec) -> float:
             t0 = page.evaluate("performance.now()")
-            page.goto(f"{base}/?run={run.name}")
+            page.locator('[data-testid="stSidebarNav"] a', has_text=spec.title).first.click()
             page.wait_for_function(_SETTLED, arg=t0, timeout=600_000, polling=50)
-            load_s = (page.evaluate("performance.now()") - t0) / 1000
+            return (page.evaluate("performance.now()") - t0) / 1000
 
-            def visit(spec) -> float:
-                t0 = page.evaluate("performance.now()")
-                page.locator('[data-testid="stSidebarNav"] a', has_text=spec.title).first.click()
-                page.wait_for_function(_SETTLED, arg=t0, timeout=600_000, polling=50)
-                return (page.evaluate("performance.now()") - t0) / 1000
-
-            order = specs[1:] + specs[:1]  # Home last: it was loaded first
-            for spec in order:
-                times = [visit(spec)]
-                for _ in range(max(1, repeat)):
-                    visit(specs[0] if spec is not specs[0] else specs[1])
-                    times.append(visit(spec))
-                errors = page.locator('[data-testid="stException"]').all_inner_texts()
-                pages[spec.title.lower()] = {"cold_s": round(times[0], 3), "warm_s": round(min(times[1:]), 3),
-                                             "ok": not errors and min(times[1:]) < TARGET_S, "errors": errors[:3]}
-                print(spec.title, pages[spec.title.lower()], file=sys.stderr, flush=True)
-            pages["home"]["first_load_s"] = round(load_s, 3)
-            b.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        order = specs[1:] + specs[:1]  # Home last: it was loaded first
+        for spec in order:
+            times = [visit(spec)]
+            for _ in range(max(1, repeat)):
+                visit(specs[0] if spec is not specs[0] else specs[1])
+                times.append(visit(spec))
+            errors = page.locator('[data-testid="stException"]').all_inner_texts()
+            pages[spec.title.lower()] = {"cold_s": round(times[0], 3), "warm_s": round(min(times[1:]), 3),
+                                         "ok": not errors and min(times[1:]) < TARGET_S, "errors": errors[:3]}
+            print(spec.title, pages[spec.title.lower()], file=sys.stderr, flush=True)
+        pages["home"]["first_load_s"] = round(load_s, 3)
     return {k: pages[k] for k in [s.title.lower() for s in specs] if k in pages}
 
 

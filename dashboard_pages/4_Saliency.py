@@ -52,6 +52,15 @@ def study_summary(key: tuple) -> tuple[dict, pd.DataFrame]:
     return dd.load_saliency_summary(key[0])
 
 
+def show_means(cases: pd.DataFrame, set_name: str, method: str | None, origin: str) -> None:
+    """The per-model means of a saliency summary (``saliency.saliency_means``) with what they mean."""
+    st.caption(f"{cases['subject_id'].nunique()} cases of set {ui.md_escape(dd.set_label(set_name))}, method "
+               f"{ui.md_escape(METHOD_LABELS.get(method or '', str(method)))}{origin}: mean share of CAM energy in "
+               "the GP ROI, pointing-game hit rate, ROAD faithfulness (probability drop when the top CAM pixels are "
+               "removed) next to the same drop for random maps.")
+    ui.show_table(dd.means_table(saliency.saliency_means(cases)))
+
+
 with ui.guard():
     finished = dd.finished_runs(runs)
     if not finished:
@@ -172,21 +181,10 @@ with ui.guard():
                 computed.clear()  # one table at a time in the session
                 computed[key] = saliency.saliency_summary(want[0], set_name=want[1], method=want[2], max_cases=want[3],
                                                           seed=0, progress=_progress)
-        cases = computed[key]
-        means = saliency.saliency_means(cases)
-        st.caption(f"{cases['subject_id'].nunique()} cases of set {ui.md_escape(dd.set_label(want[1]))}, method "
-                   f"{METHOD_LABELS[want[2]]}: mean share of CAM energy in the GP ROI, pointing-game hit rate, "
-                   "ROAD faithfulness (probability drop when the top CAM pixels are removed) next to the same drop "
-                   "for random maps.")
-        ui.show_table(dd.means_table(means))
+        show_means(computed[key], want[1], want[2], "")
     elif skey[2] >= 0:
         s, cases = study_summary(skey)
         if not cases.empty:
-            means = saliency.saliency_means(cases)
-            st.caption(f"{len(cases['subject_id'].unique())} cases of set {ui.md_escape(dd.set_label(s.get('set', '')))}, "
-                       f"method {ui.md_escape(METHOD_LABELS.get(s.get('method'), s.get('method')))} "
-                       "(computed by the study). Faithfulness: drop of the probability when the top CAM pixels are "
-                       "removed, next to the same drop for random maps.")
-            ui.show_table(dd.means_table(means))
+            show_means(cases, s.get("set", ""), s.get("method"), " (computed by the study)")
     else:
         st.caption("The study did not compute a saliency summary for this run.")

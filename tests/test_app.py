@@ -425,6 +425,31 @@ def test_saliency_cold_cache_shows_progress(run_copy, monkeypatch):
     assert not [b for b in bars if b.label.startswith("Computing the saliency maps")]
 
 
+def test_saliency_means_from_the_study_then_computed_on_request(run_copy):
+    """The "Averaged per model" table: first the study's own summary (said so, with its method), then,
+    after "Compute", the requested number of cases with the chosen method; one row per model each time."""
+    at = _app(timeout=300).run()
+    at.switch_page("dashboard_pages/4_Saliency.py").run()
+    _assert_clean(at, "saliency")
+    models = __import__("json").loads((run_copy / "metrics.json").read_text())["run"]["config"]["models"]
+
+    def means_caption() -> str:
+        return next(c.value for c in at.caption if "mean share of CAM energy" in c.value)
+
+    def means_rows() -> list[str]:
+        t = next(d.value for d in at.dataframe if "model" in d.value.columns and "n" in d.value.columns)
+        return sorted(t["model"])
+
+    assert "(computed by the study)" in means_caption()
+    assert means_rows() == sorted(models)
+    at.number_input(key="sal_n_cases").set_value(2)
+    at.button(key="sal_compute").click().run()
+    _assert_clean(at, "saliency compute")
+    cap = means_caption()
+    assert "(computed by the study)" not in cap and cap.split(" cases of set ")[0] in ("1", "2"), cap
+    assert means_rows() == sorted(models)
+
+
 def test_results_shows_seed_spread_and_baseline(run_copy):
     from nhb_core.fileio import atomic_write_json
     from nhb_core.study import seed_summary

@@ -9,17 +9,13 @@ Skips where chromium or Playwright is missing (`make browser` installs chromium)
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from browser_util import chromium, free_port
+from browser_util import DashboardServer, chromium
 from reading_run import build_reading_run
 
 from nhb_core import reading as R
@@ -36,54 +32,18 @@ def browser():
         yield b
 
 
-class Server:
-    """`streamlit run app.py` on a fixed free port; can be stopped and started again (a server restart)."""
-
-    def __init__(self, root: Path, runs: Path):
-        self.root, self.port = root, free_port()
-        self.env = dict(os.environ, NHB_RUNS_DIR=str(runs), NHB_DATA_DIR=str(root / "data"), OMP_NUM_THREADS="1")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-        self.log = open(root / "streamlit.log", "a")
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port",
-                                      str(self.port), "--server.headless", "true", "--server.address", "127.0.0.1"],
-                                     cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(self.url + "/_stcore/health", timeout=2)
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("streamlit exited: " + (self.root / "streamlit.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-        raise RuntimeError("streamlit did not come up in 120 s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser_reading")
     run = build_reading_run(root, n_per_class=10)  # 20 subjects, all in the test set
-    srv = Server(root, run.parent)
+    # restartable on the same port (the test restarts the server mid-session)
+    srv = DashboardServer({"NHB_RUNS_DIR": str(run.parent), "NHB_DATA_DIR": str(root / "data"),
+                           "OMP_NUM_THREADS": "1"}, root / "streamlit.log")
     srv.start()
     try:
         yield srv, run.parent, run
     finally:
         srv.stop()
-        srv.log.close()
 
 
 class Reader:

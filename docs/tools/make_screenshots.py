@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))  # the browser helpers the real-browser tests use
 
 
 def main() -> None:
@@ -27,14 +26,13 @@ def main() -> None:
     if not (a.runs_dir / a.run / "metrics.json").is_file():
         sys.exit(f"{a.runs_dir / a.run}: no metrics.json (not a finished run). Point --runs-dir/--run at one")
 
-    from browser_util import chromium, streamlit_server  # noqa: E402  (needs the sys.path line above)
-
     from nhb_dashboard import nav
+    from nhb_dashboard.serve import chromium, dashboard_server
 
     urls = {p.title: p.url_path for p in nav.page_specs()}
     with tempfile.TemporaryDirectory() as tmp, chromium() as browser:
         env = {"NHB_RUNS_DIR": str(a.runs_dir.resolve()), "NHB_DATA_DIR": tmp}
-        with streamlit_server(env, Path(tmp) / "streamlit.log") as url:
+        with dashboard_server(env, Path(tmp) / "streamlit.log") as url:
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
             page.goto(url + "/")  # the app once (as a user arrives), then each page
             page.wait_for_selector("h1", timeout=240_000)
