@@ -25,13 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu() -> float:
-    import resource
-
-    a = resource.getrusage(resource.RUSAGE_SELF)
-    b = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+from _machine import cpu_seconds as _cpu
+from _machine import pin_cores
 
 
 def main() -> None:
@@ -46,14 +41,9 @@ def main() -> None:
                     help="override the epochs (for a quick extrapolation; then target_met is null)")
     args = ap.parse_args()
 
-    if args.cores and hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))[: args.cores]
-        os.sched_setaffinity(0, cpus)
-        os.environ["OMP_NUM_THREADS"] = str(args.cores)
+    pin_cores(args.cores)
     import torch
 
-    if args.cores:
-        torch.set_num_threads(args.cores)
     from nhb_core.config import resolve_config
     from nhb_core.fileio import read_json
     from nhb_core.runs import auc_table

@@ -28,14 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu() -> float:
-    """CPU seconds of this process and its reaped children (the pool workers)."""
-    import resource
-
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+from _machine import cpu_seconds as _cpu
 
 
 def _read_all(manifest: Path) -> tuple[float, float, int]:

@@ -30,13 +30,8 @@ import os
 import time
 from pathlib import Path
 
-
-def _cpu() -> float:
-    import resource
-
-    a = resource.getrusage(resource.RUSAGE_SELF)
-    b = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+from _machine import cpu_seconds as _cpu
+from _machine import pin_cores
 
 
 def cam_scores(run_dir: Path, cohort: str, models: list[str], max_cases: int) -> dict:
@@ -108,14 +103,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="remove the run folder first (time the whole demo)")
     args = ap.parse_args()
 
-    if args.cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
-        os.environ["OMP_NUM_THREADS"] = str(args.cores)
+    pin_cores(args.cores)
     import numpy as np
-    import torch
 
-    if args.cores:
-        torch.set_num_threads(args.cores)
     from nhb_core.cohorts import evaluate_cohort
     from nhb_core.fileio import read_json
     from nhb_core.study import run_study, stage_seconds

@@ -42,15 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_seconds as _cpu
+from _machine import pin_cores
+
 BIG_PREFIX = "E_"
-
-
-def _cpu() -> float:
-    import resource
-
-    a = resource.getrusage(resource.RUSAGE_SELF)
-    b = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def _read_rows(manifest: Path) -> list[dict]:
@@ -69,7 +64,6 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 def combined_manifest(paper: Path, big: Path, work: Path, n_manual: int, seed: int) -> tuple[Path, list[str]]:
     """The paper preset with N manual masks kept + the large cohort without masks, in one manifest."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_roi import _hide_masks
 
     hidden, keep = _hide_masks(paper, work, n_manual, seed)
@@ -143,14 +137,9 @@ def main() -> None:
     ap.add_argument("--manual-run", type=Path, default=None, help="existing default run on --cohort to start from")
     args = ap.parse_args()
 
-    if args.cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
-        os.environ["OMP_NUM_THREADS"] = str(args.cores)
+    pin_cores(args.cores)
     import numpy as np
-    import torch
 
-    if args.cores:
-        torch.set_num_threads(args.cores)
     from nhb_core.cohorts import evaluate_cohort
     from nhb_core.roi_propose import propose_rois
     from nhb_core.study import run_study

@@ -27,19 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+from _machine import cpu_seconds as _cpu_seconds
 
 
 def throughput(models, n, size, batch, rounds, device_spec, threads) -> dict:

@@ -7,20 +7,26 @@ Prints one JSON object.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("cohort", nargs="?", type=Path, default=None,
+                    help="cohort folder with manifest.csv (default: synthesise the paper preset)")
+    args = ap.parse_args()
+    if args.cohort is not None and not (args.cohort / "manifest.csv").is_file():
+        ap.error(f"{args.cohort}: no manifest.csv; give a folder written by python -m nhb_core synth")
     from nhb_core.manifest import validate_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
-        if len(sys.argv) > 1:
-            manifest = Path(sys.argv[1]) / "manifest.csv"
+        if args.cohort is not None:
+            manifest = args.cohort / "manifest.csv"
             synth_s = None
         else:
             from nhb_core.synth import synthesize

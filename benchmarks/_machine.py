@@ -1,0 +1,31 @@
+"""What the benchmarks share about the machine they measure on: pinning to N cores and CPU time.
+
+Imported by the scripts in this folder (``python benchmarks/bench_*.py`` puts the folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def pin_cores(n: int) -> None:
+    """Pin this process and the workers it starts to its first ``n`` allowed CPU cores (Linux
+    ``sched_setaffinity``) and give OpenMP and torch ``n`` threads, so that a bigger machine measures the
+    n-core figure. ``n = 0``: no pinning. Call it before the first torch computation."""
+    if not n:
+        return
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (pool workers, torchrun)."""
+    import resource
+
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
