@@ -46,6 +46,25 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (POSIX ``flock``) on ``path`` (created, never removed) for the
+    ``with`` block, across processes; a no-op where ``fcntl`` does not exist.
+
+    >>> with exclusive_lock(Path(tempfile.mkdtemp()) / ".lock"):  # doctest: +SKIP
+    ...     pass
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:  # closing the file releases the lock
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        yield
+
+
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nhb_core.errors import ConfigError, RunError
-from nhb_core.fileio import atomic_write_text
+from nhb_core.fileio import atomic_write_text, exclusive_lock
 from nhb_core.runs import append_log, list_runs, now_iso, read_status, write_status
 
 __all__ = [
@@ -198,19 +198,8 @@ def job_pid(status: dict[str, Any] | None) -> int | None:
 def _queue_lock(runs_dir: Path) -> Iterator[None]:
     """An exclusive lock on the queue, so that two dashboard sessions never start
     the same queued run twice."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = runs_dir / ".jobs.lock"
-    fh = open(lock, "a+")
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - non-POSIX
-            pass
+    with exclusive_lock(runs_dir / ".jobs.lock"):
         yield
-    finally:
-        fh.close()
 
 
 # ----------------------------------------------------------------- API

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from nhb_core.errors import InputError
-from nhb_core.fileio import atomic_write_json, atomic_write_text, read_json
+from nhb_core.fileio import atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from nhb_core.runs import RunFolder
 
 ARMS = ("unaided", "aided")
@@ -79,19 +79,8 @@ def session_dir(runs_dir: str | os.PathLike, session_id: str) -> Path:
 @contextlib.contextmanager
 def _lock(sdir: Path) -> Iterator[None]:
     """Exclusive lock on a session (answers and closing never interleave), across processes."""
-    sdir.mkdir(parents=True, exist_ok=True)
-    with _THREAD_LOCK:
-        fh = open(sdir / ".lock", "a+")
-        try:
-            try:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            except ImportError:  # pragma: no cover - non-POSIX
-                pass
-            yield
-        finally:
-            fh.close()
+    with _THREAD_LOCK, exclusive_lock(sdir / ".lock"):
+        yield
 
 
 _THREAD_LOCK = threading.RLock()

@@ -881,12 +881,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     # fast path: every hash known and the stored state matches -> nothing to do
     if all(j["t1_sha"] and j["roi_sha"] for j in jobs) and _outputs_present(out):
         keys = [subject_cache_key(j["t1_sha"], j["roi_sha"], config_sha) for j in jobs]
-        state = _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)
-        try:
-            old = read_json(out / "prepare.json")
-        except (OSError, ValueError):
-            old = {}
-        if old.get("state_sha256") == state:
+        if _state_unchanged(out, _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)):
             emit(progress, "prepare", done=n, total=n, message="unchanged (cache)")
             return out
 
@@ -939,12 +934,7 @@ def prepare(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, config
     # the memo does not cover): leave the outputs as they are
     if n_computed == 0 and _outputs_present(out):
         keys = [r["key"] for r in results if r is not None]
-        state = _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)
-        try:
-            old = read_json(out / "prepare.json")
-        except (OSError, ValueError):
-            old = {}
-        if old.get("state_sha256") == state:
+        if _state_unchanged(out, _state_key(config_sha, manifest_table_sha, df["subject_id"].tolist(), keys)):
             emit(progress, "prepare", done=n, total=n, message="unchanged (cache)")
             return out
 
@@ -1033,3 +1023,11 @@ def _state_key(config_sha: str, manifest_sha: str, subject_ids: list, keys: list
     return sha256_json({"config": config_sha, "manifest": manifest_sha,
                         "subjects": [[str(s), k] for s, k in zip(subject_ids, keys)],
                         "algorithm": ALGORITHM_VERSION})
+
+
+def _state_unchanged(out: Path, state: str) -> bool:
+    """Whether ``out/prepare.json`` records this state (then the outputs are already what they would be)."""
+    try:
+        return read_json(out / "prepare.json").get("state_sha256") == state
+    except (OSError, ValueError, AttributeError):
+        return False
