@@ -28,7 +28,9 @@ PAPER_DIR is ``python -m nhb_core synth --preset paper --seed 0 --truth``; BIG_D
 ``--manual-run`` starts the manual arm from a copy of an existing default run on the same manifest
 (e.g. ``bench_recipe.py``'s): its unchanged stages are reused by the study's stage cache.
 
-Target: |AUC(proposed) - AUC(manual)| <= 0.03 for every network at each center, mean over the seeds.
+Target: |AUC(proposed) - AUC(manual)| <= 0.03 for every network at each center, mean over the seeds
+(``every_network_within_0.03``); ``no_network_loses_more_than_0.03`` is the one-sided reading (proposed
+ROIs may do better).
 """
 
 from __future__ import annotations
@@ -204,7 +206,9 @@ def main() -> None:
         "time_s": seconds, "cpu_s": cpu,
         "load_avg_before": [round(x, 2) for x in load0], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "targets": {"every_network_within_0.03": all(abs(per_model[m][c]["diff_mean"]) <= 0.03
-                                                     for m in networks for c in per_model[m])},
+                                                     for m in networks for c in per_model[m]),
+                    "no_network_loses_more_than_0.03": all(per_model[m][c]["diff_mean"] >= -0.03
+                                                           for m in networks for c in per_model[m])},
     }
     print(json.dumps(res))
 
