@@ -1,4 +1,4 @@
-"""What the benchmarks share about the machine they measure on: pinning to N cores and CPU time.
+"""What the benchmarks share about the machine they measure on: pinning to N cores, CPU time, best-of timing.
 
 Imported by the scripts in this folder (``python benchmarks/bench_*.py`` puts the folder on ``sys.path``).
 """
@@ -6,6 +6,8 @@ Imported by the scripts in this folder (``python benchmarks/bench_*.py`` puts th
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 
 def pin_cores(n: int) -> None:
@@ -29,3 +31,13 @@ def cpu_seconds() -> float:
     s = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest wall time (seconds) of ``repeats`` calls of ``fn()``: the least disturbed by other load."""
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -13,9 +13,9 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+from _machine import best_of
 from scipy.special import ndtr
 
 
@@ -49,15 +49,6 @@ def make_data(n: int, seed: int = 0):
     s1 = np.round(latent + rng.normal(scale=0.5, size=n), 4)  # rounded: ties present
     s2 = np.round(latent + rng.normal(scale=0.6, size=n), 4)
     return y, s1, s2
-
-
-def best_of(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def main() -> None:

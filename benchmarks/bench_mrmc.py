@@ -14,10 +14,10 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _machine import best_of
 
 
 def make_readings(readers: int, arms: int, cases: int, seed: int = 0):
@@ -31,15 +31,6 @@ def make_readings(readers: int, arms: int, cases: int, seed: int = 0):
             cut = np.sort(rng.normal(size=4)) + 0.6
             R[i, j] = np.digitize(signal + 0.3 * i * y + rng.normal(scale=0.8, size=cases), cut) + 1
     return R, y
-
-
-def best_of(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def main() -> None:
