@@ -951,14 +951,10 @@ def synthesize(out_dir, preset: str = "paper", seed: int = 0, n=None,
     return man_path
 
 
-def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
-    """Regenerate a written subject's ground truth from ``cohort_dir/cohort.json``.
-
-    Returns a dict with ``gp_true`` (int16 (X, Y, Z), 1 = left GP, 2 = right GP, at the
-    image grid), ``affine``, ``severity``, ``oracle_p``, ``gp_delta`` and the other
-    latent variables of :func:`draw_cohort`.
-    """
-    cohort_dir = Path(cohort_dir)
+def _redraw(cohort_dir: Path) -> tuple[dict[str, Any], Any]:
+    """``cohort.json`` of a written cohort and its tabular draw (:func:`draw_cohort`), redrawn from the
+    preset, seed and counts it records; a one-line InputError when it is missing or from another
+    generator version."""
     meta_path = cohort_dir / "cohort.json"
     if not meta_path.is_file():
         raise InputError(meta_path, "is missing", "Point to a folder written by `nhb_core synth`")
@@ -967,10 +963,22 @@ def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
         raise InputError(meta_path, f"was written by generator {meta.get('generator_version')}, "
                                     f"this is {GENERATOR_VERSION}", "Regenerate the cohort with this version")
     counts = {c: (v["1"], v["0"]) for c, v in meta["counts"].items()}
-    df = draw_cohort(meta["preset"], meta["seed"], counts)
+    return meta, draw_cohort(meta["preset"], meta["seed"], counts)
+
+
+def subject_truth(cohort_dir, subject_id: str) -> dict[str, Any]:
+    """Regenerate a written subject's ground truth from ``cohort_dir/cohort.json``.
+
+    Returns a dict with ``gp_true`` (int16 (X, Y, Z), 1 = left GP, 2 = right GP, at the
+    image grid), ``affine``, ``severity``, ``oracle_p``, ``gp_delta`` and the other
+    latent variables of :func:`draw_cohort`.
+    """
+    cohort_dir = Path(cohort_dir)
+    meta, df = _redraw(cohort_dir)
     row = df[df.subject_id == subject_id]
     if row.empty:
-        raise InputError(meta_path, f"has no subject '{subject_id}'", "Use a subject_id of its manifest.csv")
+        raise InputError(cohort_dir / "cohort.json", f"has no subject '{subject_id}'",
+                         "Use a subject_id of its manifest.csv")
     subj = row.iloc[0].to_dict()
     vols = render_subject(subj, seed=meta["seed"])
     return {"gp_true": vols["gp_true"], "affine": vols["affine"], **{k: subj[k] for k in _TRUTH_COLUMNS}}
@@ -1000,15 +1008,8 @@ def write_reader_study(cohort_dir, network=None, aid_weight: float = AID_WEIGHT,
     >>> write_reader_study("data/cohort_paper", network={"A001": 0.91, "A002": 0.12})  # doctest: +SKIP
     """
     cohort_dir = Path(cohort_dir)
-    meta_path = cohort_dir / "cohort.json"
-    if not meta_path.is_file():
-        raise InputError(meta_path, "is missing", "Point to a folder written by `nhb_core synth`")
-    meta = read_json(meta_path)
-    if meta.get("generator_version") != GENERATOR_VERSION:
-        raise InputError(meta_path, f"was written by generator {meta.get('generator_version')}, "
-                                    f"this is {GENERATOR_VERSION}", "Regenerate the cohort with this version")
-    counts = {c: (v["1"], v["0"]) for c, v in meta["counts"].items()}
-    study = reader_study(draw_cohort(meta["preset"], meta["seed"], counts), meta["seed"], network=network,
+    meta, df = _redraw(cohort_dir)
+    study = reader_study(df, meta["seed"], network=network,
                          aid_weight=aid_weight)
     dest = Path(out) if out is not None else cohort_dir / "readings.csv"
     atomic_write_text(dest, study.to_csv(index=False, lineterminator="\n"))
