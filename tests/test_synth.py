@@ -288,3 +288,20 @@ def test_cancelling_progress_stops_and_writes_no_manifest(tmp_path):
     with pytest.raises(Cancelled):
         synth.synthesize(tmp_path, preset="small", seed=0, n={"A": (2, 2)}, workers=2, progress=cancel)
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_write_reader_study_redraws_the_written_readings(small_cohort, tmp_path):
+    """The reader study is redrawn from cohort.json: without a network it equals the readings.csv
+    synthesize wrote; with one, both arms are restricted to the scored subjects; a folder without
+    cohort.json gives the one-line error."""
+    from nhb_core.errors import InputError
+
+    root = Path(small_cohort).parent
+    again = pd.read_csv(synth.write_reader_study(root, out=tmp_path / "again.csv"))
+    pd.testing.assert_frame_equal(again, pd.read_csv(root / "readings.csv"))
+    ids = sorted(again["case_id"].unique())[:4]
+    aided = pd.read_csv(synth.write_reader_study(root, network={s: 0.9 for s in ids}, out=tmp_path / "aided.csv"))
+    assert sorted(aided["case_id"].unique()) == ids
+    assert aided["modality"].nunique() == 2
+    with pytest.raises(InputError, match="cohort.json"):
+        synth.write_reader_study(tmp_path, out=tmp_path / "x.csv")
