@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from nhb_dashboard import nav
+from nhb_dashboard.serve import PLOTS_DRAWN
 
 REPO = Path(__file__).resolve().parents[1]
 # every page as app.py's st.navigation declares them (None: the default page, Home)
@@ -74,9 +75,9 @@ new MutationObserver(() => {
 }).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['data-test-script-state']});"""
 
 # settled: the script ran after t0 and has stopped, every chart is drawn, every image decoded
-_SETTLED = """(t0) => window.__states.some(([t, s]) => t >= t0 && s === 'running')
+_SETTLED = f"""(t0) => window.__states.some(([t, s]) => t >= t0 && s === 'running')
     && document.querySelector('[data-test-script-state="notRunning"]') !== null
-    && document.querySelectorAll('.js-plotly-plot').length >= document.querySelectorAll('[data-testid="stPlotlyChart"]').length
+    && {PLOTS_DRAWN}
     && Array.from(document.querySelectorAll('[data-testid="stImage"] img')).every(i => i.complete)"""
 
 

@@ -46,6 +46,8 @@ from pathlib import Path
 
 from _machine import cpu_seconds as _cpu
 from _machine import pin_cores
+from bench_recipe import big_cohort_aucs
+from bench_roi import _dice, _hide_masks
 
 BIG_PREFIX = "E_"
 
@@ -66,7 +68,6 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 def combined_manifest(paper: Path, big: Path, work: Path, n_manual: int, seed: int) -> tuple[Path, list[str]]:
     """The paper preset with N manual masks kept + the large cohort without masks, in one manifest."""
-    from bench_roi import _hide_masks
 
     hidden, keep = _hide_masks(paper, work, n_manual, seed)
     rows = _read_rows(hidden)
@@ -107,21 +108,17 @@ def big_dice(propose_dir: Path, big: Path) -> dict | None:
         if not r["subject_id"].startswith(BIG_PREFIX):
             continue
         sid = r["subject_id"][len(BIG_PREFIX):]
-        p = np.asarray(load_roi(propose_dir / r["roi"], allow_empty=True).data) > 0
-        t = np.asarray(load_roi(big / "truth" / f"{sid}_gp_true.nii.gz").data) > 0
-        out.setdefault(r["center"], []).append(2.0 * (p & t).sum() / max(1, p.sum() + t.sum()))
+        out.setdefault(r["center"], []).append(_dice(load_roi(propose_dir / r["roi"], allow_empty=True).data,
+                                                     load_roi(big / "truth" / f"{sid}_gp_true.nii.gz").data))
     return {c: {"n": len(v), "dice_truth_mean": round(float(np.mean(v)), 4)} for c, v in out.items()}
 
 
 def subject_aucs(run_dir: Path, set_name: str) -> dict:
+    """model -> center -> subject-level AUC of one evaluated set of a run (``bench_recipe.big_cohort_aucs``)."""
     from nhb_core.fileio import read_json
 
-    metrics = read_json(run_dir / "metrics.json")
-    out: dict = {}
-    for c, entry in (metrics["sets"][set_name].get("centers") or {}).items():
-        for m, mm in entry["level"]["subject"]["models"].items():
-            out.setdefault(m, {})[c] = mm["auc"]
-    return out
+    aucs = big_cohort_aucs(read_json(run_dir / "metrics.json"), set_name)
+    return {m: {c: v["auc"] for c, v in per_c.items()} for m, per_c in aucs.items()}
 
 
 def main() -> None:

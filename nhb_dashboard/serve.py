@@ -31,6 +31,19 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+#: JavaScript expression: every Plotly chart element of the page holds a drawn plot (Plotly draws after
+#: the page's script has ended)
+PLOTS_DRAWN = ("document.querySelectorAll('.js-plotly-plot').length >= "
+               "document.querySelectorAll('[data-testid=\"stPlotlyChart\"]').length")
+
+
+def wait_until_drawn(page, timeout_ms: int = 240_000) -> None:
+    """Wait (Playwright ``page``) until the page has a title, its script has stopped and every chart is drawn."""
+    page.wait_for_selector("h1", timeout=timeout_ms)
+    page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=timeout_ms)
+    page.wait_for_function(f"() => {PLOTS_DRAWN}", timeout=timeout_ms)
+
+
 class BrowserUnavailable(RuntimeError):
     """Chromium or Playwright for Python is not installed (tests skip on it)."""
 

@@ -9,22 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from nhb_dashboard.serve import CHROMIUM, BrowserUnavailable, DashboardServer, free_port
+from nhb_dashboard.serve import BrowserUnavailable, DashboardServer, wait_until_drawn
 from nhb_dashboard.serve import chromium as _chromium
 from nhb_dashboard.serve import dashboard_server as streamlit_server
 
-__all__ = ["CHROMIUM", "DashboardServer", "chromium", "free_port", "streamlit_server"]
+__all__ = ["DashboardServer", "chromium", "streamlit_server", "wait_until_drawn"]
 
 
 @contextlib.contextmanager
 def chromium() -> Iterator[object]:
     """A headless Chromium (Playwright ``Browser``); skips the test where chromium or Playwright is missing."""
     try:
-        cm = _chromium()
-        browser = cm.__enter__()
-    except BrowserUnavailable as e:
+        with _chromium() as browser:
+            yield browser
+    except BrowserUnavailable as e:  # raised before the browser starts, never by the test body
         pytest.skip(str(e))
-    try:
-        yield browser
-    finally:
-        cm.__exit__(None, None, None)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from browser_util import chromium, streamlit_server
+from browser_util import chromium, streamlit_server, wait_until_drawn
 
 from nhb_core.runs import write_status
 from nhb_dashboard import nav
@@ -48,12 +48,7 @@ def server(small_run, tmp_path_factory):
 
 def _open(page, url: str, timeout_ms: int = 240_000) -> None:
     page.goto(url)
-    page.wait_for_selector("h1", timeout=timeout_ms)
-    page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=timeout_ms)
-    # plotly draws after the script ends: wait until every chart element holds a plot
-    page.wait_for_function("""() => document.querySelectorAll('.js-plotly-plot').length >=
-                                    document.querySelectorAll('[data-testid="stPlotlyChart"]').length""",
-                           timeout=timeout_ms)
+    wait_until_drawn(page, timeout_ms)
     page.wait_for_timeout(1500)
 
 

@@ -431,7 +431,7 @@ def test_aux_si_resume_after_interruption_equals_uninterrupted(small_dataset, tm
     """The checkpoint carries the auxiliary head and the EMA weights: a run with the study's recipe
     (aux_si, EMA, last epoch) cut after epoch 1 and resumed ends with the same history and the same
     saved weights as the uninterrupted run, and the saved model is still the plain classifier."""
-    from safetensors.torch import load_file
+    from tiny_slices import SimulatedCrash, crash_after_epoch, same_weights
 
     from nhb_core.models import load_trained
     from nhb_core.train import train_model
@@ -441,20 +441,12 @@ def test_aux_si_resume_after_interruption_equals_uninterrupted(small_dataset, tm
            "device": "cpu", "seed": 1, "keep_checkpoint": True}
     full = train_model(small_dataset, split, "resnet18", tmp_path / "full", cfg)
 
-    class Boom(RuntimeError):
-        pass
-
-    def crash_after_epoch_1(ev):
-        if ev.get("metrics") and ev["epoch"] == 1:
-            raise Boom("simulated crash")
-
-    with pytest.raises(Boom):
-        train_model(small_dataset, split, "resnet18", tmp_path / "cut", cfg, progress=crash_after_epoch_1)
+    with pytest.raises(SimulatedCrash):
+        train_model(small_dataset, split, "resnet18", tmp_path / "cut", cfg, progress=crash_after_epoch(1))
     events = []
     cut = train_model(small_dataset, split, "resnet18", tmp_path / "cut", cfg, resume=True, progress=events.append)
     assert any("resuming after epoch 1" in str(e.get("message")) for e in events)
     hist = [pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (full, cut)]
     pd.testing.assert_frame_equal(*hist)
-    wa, wb = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+    assert same_weights(full, cut)
     load_trained(cut)  # strict: no auxiliary head in the saved weights

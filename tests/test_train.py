@@ -23,7 +23,7 @@ from nhb_core.errors import ConfigError, DatasetError, RunError  # noqa: E402
 from nhb_core.runs import read_events, read_status, write_status  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_slices import make_tiny_dataset  # noqa: E402
+from tiny_slices import SimulatedCrash, crash_after_epoch, make_tiny_dataset, same_weights  # noqa: E402
 
 FAST = {"epochs": 1, "batch_size": 8, "eval_batch_size": 64}
 
@@ -91,13 +91,6 @@ def test_device_and_precision_selection():
 
 # --------------------------------------------------------------------------- training runs
 
-def _same_weights(a, b) -> bool:
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def _hist(p):
     return pd.read_csv(p / "history.csv").drop(columns=["seconds"])
 
@@ -122,7 +115,7 @@ def test_train_writes_run_folder_and_is_reproducible(tiny, tmp_path):
     assert read_status(out1)["state"] == "done"
     # same seed on CPU: identical history and weights
     pd.testing.assert_frame_equal(_hist(out1), _hist(out2))
-    assert _same_weights(out1, out2)
+    assert same_weights(out1, out2)
     # progress: per-step events with epoch, step, ETA; epoch-end events with metrics
     steps = [e for e in events if e.get("step") and not e.get("metrics") and not e.get("message")]
     assert steps and all({"epoch", "epochs", "step", "steps", "eta_s", "model"} <= set(e) for e in steps)
@@ -137,15 +130,8 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path):
     cfg = dict(FAST, epochs=2, balance="sampler")
     full = T.train_model(ds, split, "resnet18", tmp_path / "full", cfg)
 
-    class Boom(RuntimeError):
-        pass
-
-    def crash_after_epoch_1(ev):
-        if ev.get("metrics") and ev["epoch"] == 1:
-            raise Boom("simulated crash")
-
-    with pytest.raises(Boom):
-        T.train_model(ds, split, "resnet18", tmp_path / "cut", cfg, progress=crash_after_epoch_1)
+    with pytest.raises(SimulatedCrash):
+        T.train_model(ds, split, "resnet18", tmp_path / "cut", cfg, progress=crash_after_epoch(1))
     cut = tmp_path / "cut"
     st = read_status(cut)
     assert st["state"] == "failed" and "simulated crash" in st["error"]
@@ -157,7 +143,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path):
     assert [e["epoch"] for e in events if e.get("metrics")] == [2]
     assert read_status(cut)["state"] == "done"
     pd.testing.assert_frame_equal(_hist(cut), _hist(full))
-    assert _same_weights(cut, full)
+    assert same_weights(cut, full)
     # resuming a finished run does nothing
     before = (cut / "model.json").read_text()
     T.train_model(ds, split, "resnet18", cut, cfg, resume=True)

@@ -58,3 +58,25 @@ def make_tiny_dataset(out: Path, size: int = 32, n_a: int = 16, n_b: int = 6, sl
              "sets": {"train": a_ids[:n_a - n_val - n_test], "val": a_ids[n_a - n_val - n_test:n_a - n_test],
                       "test": a_ids[n_a - n_test:], "external:B": b_ids}}
     return out, split
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :func:`crash_after_epoch` to interrupt a training run from its progress callback."""
+
+
+def crash_after_epoch(epoch: int):
+    """A ``train_model`` progress callback that raises :class:`SimulatedCrash` once epoch ``epoch`` has
+    ended (its checkpoint is written), as a killed process would leave the run folder."""
+    def progress(ev: dict) -> None:
+        if ev.get("metrics") and ev["epoch"] == epoch:
+            raise SimulatedCrash("simulated crash")
+    return progress
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two trained model folders hold bit-identical ``model.safetensors``."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

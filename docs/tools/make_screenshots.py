@@ -27,7 +27,7 @@ def main() -> None:
         sys.exit(f"{a.runs_dir / a.run}: no metrics.json (not a finished run). Point --runs-dir/--run at one")
 
     from nhb_dashboard import nav
-    from nhb_dashboard.serve import chromium, dashboard_server
+    from nhb_dashboard.serve import chromium, dashboard_server, wait_until_drawn
 
     urls = {p.title: p.url_path for p in nav.page_specs()}
     with tempfile.TemporaryDirectory() as tmp, chromium() as browser:
@@ -39,11 +39,7 @@ def main() -> None:
             page.wait_for_timeout(3000)
             for title, fname in (("Results", "results.png"), ("Saliency", "saliency.png")):
                 page.goto(f"{url}/{urls[title]}?run={a.run}")
-                page.wait_for_selector("h1", timeout=240_000)
-                page.wait_for_selector('[data-test-script-state="notRunning"]', timeout=240_000)
-                page.wait_for_function("""() => document.querySelectorAll('.js-plotly-plot').length >=
-                                        document.querySelectorAll('[data-testid="stPlotlyChart"]').length""",
-                                       timeout=240_000)
+                wait_until_drawn(page)
                 # the declared navigation (Home first, no entry script named "app") before the picture
                 page.wait_for_function("""() => { const n = document.querySelector('[data-testid="stSidebarNav"]');
                                                   return n && n.innerText.includes('Home')
